@@ -1,0 +1,69 @@
+"""Shared pytest fixtures: a real LocalCluster, the shared real material, a tiny CLIP-shaped model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent
+SHARED = Path(os.environ.get("NEMO_CURATOR_SHARED", ROOT.parent / "shared"))
+MODEL_NAME = "vit_large_patch14_clip_quickgelu_224.openai"
+TINY_MODEL_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where there is none)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine (GPU tests run with `make test-gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder with real weights and photographs; tests using it skip without it."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: real weights and photographs are not available here")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_photos(shared_dir) -> list[Path]:
+    photos = sorted((shared_dir / "sample_images").glob("*.jpg"))
+    if not photos:
+        pytest.skip(f"no photographs in {shared_dir / 'sample_images'}")
+    return photos
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real distributed.LocalCluster with 2 single-threaded worker processes."""
+    from nemo_curator import get_client
+
+    c = get_client(cluster_type="cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    yield c
+    cluster = c.cluster
+    c.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_kwargs() -> dict:
+    return dict(TINY_MODEL_KWARGS)

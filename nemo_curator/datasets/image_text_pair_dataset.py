@@ -1,0 +1,318 @@
+"""ImageTextPairDataset: webdataset tar shards with one parquet of metadata per shard.
+
+``metadata`` is a Dask DataFrame with ONE partition PER SHARD, in the order of ``tar_files``;
+partition ``i`` holds the rows of ``tar_files[i]``. Operations of this toolkit keep that
+invariant (they map partitions one to one); a user who repartitions ``metadata`` breaks it and
+gets a clear error from the next operation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nemo_curator.utils.file_utils import write_json_atomic, write_parquet_atomic
+from nemo_curator.utils.import_utils import gpu_only_import
+from nemo_curator.utils.progress import compute_with_progress
+from nemo_curator.utils.webdataset import PARQUET_SUFFIX, TAR_SUFFIX, Shard, find_shards
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("pandas", "cudf")
+STATS_SUFFIX = ".stats.json"
+RUN_SUMMARY_NAME = "_run_summary.json"
+
+
+class ImageTextPairDataset:
+    """Image-text pairs stored as webdataset shards, with their metadata as a Dask DataFrame.
+
+    Args:
+        path: the dataset folder.
+        metadata: Dask DataFrame, one partition per shard, aligned with ``tar_files``.
+        tar_files: path of each shard's tar, partition ``i`` ↔ ``tar_files[i]``.
+        id_col: the column holding each sample's key (the member name before the extension).
+        shard_stats: optional per-shard Delayed dicts (from an embedder) merged into the stats files.
+        lineage: description of every operation applied since loading; it fingerprints outputs
+            so that a rerun of the same pipeline resumes instead of redoing finished shards.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        metadata: dd.DataFrame,
+        tar_files: Sequence[str],
+        id_col: str,
+        shard_stats: Sequence[Any] | None = None,
+        lineage: Sequence[str] = (),
+    ):
+        self.path = os.fspath(path)
+        self.metadata = metadata
+        self.tar_files = [os.fspath(t) for t in tar_files]
+        self.id_col = id_col
+        self.shard_stats = list(shard_stats) if shard_stats is not None else [None] * len(self.tar_files)
+        self.lineage = tuple(lineage)
+        self._check_alignment()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_webdataset(cls, path: str, id_col: str, backend: str = "pandas") -> "ImageTextPairDataset":
+        """Open a folder of ``NNNNN.tar`` + ``NNNNN.parquet`` shards (lazily, one partition per shard).
+
+        Ids are read as strings (leading zeros kept). Raises with the offending file named for: a
+        missing folder, no shards, unpaired tar/parquet, ``id_col`` absent from a parquet.
+        Duplicate or null ids within a shard raise when that shard is read.
+        ``backend="cudf"`` gives dask_cudf partitions (needs the ``gpu`` extra).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cudf":
+            gpu_only_import("cudf", "backend='cudf'")
+            gpu_only_import("dask_cudf", "backend='cudf'")
+        shards = find_shards(path)
+        schema = _union_schema([s.parquet for s in shards], id_col)
+        meta = _empty_frame(schema, id_col)
+        if backend == "cudf":
+            meta = _to_cudf(meta)
+        metadata = dd.from_map(
+            read_shard_metadata,
+            [s.parquet for s in shards],
+            id_col=id_col,
+            columns=list(meta.columns),
+            backend=backend,
+            meta=meta,
+            label="read-shard-metadata",
+            enforce_metadata=False,
+        )
+        return cls(path, metadata, [s.tar for s in shards], id_col, lineage=(f"source={os.path.abspath(path)}",))
+
+    # ------------------------------------------------------------------------------------------
+    def with_metadata(
+        self,
+        metadata: dd.DataFrame,
+        lineage_step: str | None = None,
+        shard_stats: Sequence[Any] | None = None,
+    ) -> "ImageTextPairDataset":
+        """A new dataset over the same shards with new metadata (one partition per shard)."""
+        lineage = self.lineage + ((lineage_step,) if lineage_step else ())
+        stats = list(shard_stats) if shard_stats is not None else self.shard_stats
+        return ImageTextPairDataset(self.path, metadata, self.tar_files, self.id_col, stats, lineage)
+
+    def map_shards(
+        self,
+        func: Callable[..., Any],
+        meta: pd.DataFrame,
+        lineage_step: str,
+        returns_stats: bool = False,
+        name: str = "map-shards",
+    ) -> "ImageTextPairDataset":
+        """Apply ``func(partition, tar_path)`` to each shard lazily, one task per shard.
+
+        ``func`` returns the new partition, or ``(partition, stats_dict)`` when ``returns_stats``.
+        The new dataset's metadata has ``meta``'s columns and keeps one partition per shard.
+        """
+        self._check_alignment()
+        parts = self.metadata.to_delayed()
+        new_parts, new_stats = [], []
+        for i, (part, tar) in enumerate(zip(parts, self.tar_files)):
+            token = dask.base.tokenize(name, lineage_step, part.key, tar)
+            result = dask.delayed(func, pure=True, name=f"{name}-{token}")(part, tar)
+            if returns_stats:
+                new_parts.append(result[0])
+                previous = self.shard_stats[i]
+                new_stats.append(dask.delayed(_merge_stats, pure=True)(previous, result[1]))
+            else:
+                new_parts.append(result)
+        metadata = dd.from_delayed(new_parts, meta=meta, verify_meta=False)
+        return self.with_metadata(metadata, lineage_step, new_stats if returns_stats else None)
+
+    # ------------------------------------------------------------------------------------------
+    def save_metadata(self, path: str | None = None, columns: Sequence[str] | None = None, show_progress: bool = True) -> dict:
+        """Compute the metadata and write one parquet per shard, named after its tar.
+
+        ``path=None`` rewrites the parquets in place (safely: each file is replaced atomically
+        after its new content is complete). ``columns`` selects the columns to write; the id
+        column is always written first. Beside each parquet, ``NNNNN.stats.json`` records the
+        shard's row count, per-status counts and timings. Returns the run summary (also written
+        as ``_run_summary.json``).
+        """
+        out_dir = os.fspath(path) if path is not None else self.path
+        self._check_alignment()
+        if columns is not None:
+            columns = [self.id_col] + [c for c in columns if c != self.id_col]
+            missing = [c for c in columns if c not in self.metadata.columns]
+            if missing:
+                raise KeyError(f"save_metadata: columns {missing} are not in the metadata; present: {list(self.metadata.columns)}")
+        os.makedirs(out_dir, exist_ok=True)
+        parts = self.metadata.to_delayed()
+        tasks = []
+        for part, tar, stats in zip(parts, self.tar_files, self.shard_stats):
+            name = os.path.basename(tar)[: -len(TAR_SUFFIX)]
+            shard = Shard.in_folder(out_dir, name)
+            tasks.append(dask.delayed(_write_shard_metadata, pure=False)(part, shard.parquet, columns, self.id_col, stats))
+        started = time.time()
+        results = compute_with_progress(tasks, desc="save_metadata")
+        summary = summarize_stats(results, seconds=time.time() - started)
+        write_json_atomic(summary, os.path.join(out_dir, RUN_SUMMARY_NAME))
+        logger.info("save_metadata: %s", {k: v for k, v in summary.items() if k != "shards"})
+        return summary
+
+    def to_webdataset(self, path: str, filter_column: str, samples_per_shard: int = 10000, max_shards: int = 5,
+                      old_id_col: str | None = None, **kwargs) -> dict:
+        """Write the rows whose ``filter_column`` is True as new shards (see ``nemo_curator.datasets.reshard``)."""
+        from nemo_curator.datasets.reshard import to_webdataset
+
+        return to_webdataset(self, path, filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
+                             old_id_col=old_id_col, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def _check_alignment(self) -> None:
+        if self.metadata.npartitions != len(self.tar_files):
+            raise ValueError(
+                f"metadata has {self.metadata.npartitions} partitions but the dataset has {len(self.tar_files)} shards: "
+                "operations must keep one partition per shard (do not repartition `metadata`; filter rows instead)"
+            )
+        if len(self.shard_stats) != len(self.tar_files):
+            raise ValueError("internal error: shard_stats is not aligned with tar_files")
+
+    def __repr__(self) -> str:
+        return (f"ImageTextPairDataset(path={self.path!r}, shards={len(self.tar_files)}, id_col={self.id_col!r}, "
+                f"columns={list(self.metadata.columns)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
+    """Union of the parquet schemas (footers read in parallel); the id column typed as string.
+
+    Raises KeyError naming the first file that lacks ``id_col``.
+    """
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(pq.read_schema, parquet_paths))
+    for path, schema in zip(parquet_paths, schemas):
+        if id_col not in schema.names:
+            raise KeyError(f"id column {id_col!r} is not in {path}; its columns are {schema.names}. "
+                           f"Pass id_col= the column that holds each sample's key")
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for field in schema:
+            if field.name not in fields or pa.types.is_null(fields[field.name].type):
+                fields[field.name] = field
+    fields[id_col] = pa.field(id_col, pa.string())
+    ordered = [id_col] + [n for n in fields if n != id_col]
+    return pa.schema([fields[n].remove_metadata() for n in ordered])
+
+
+def _empty_frame(schema: pa.Schema, id_col: str) -> pd.DataFrame:
+    frame = schema.empty_table().to_pandas()
+    frame[id_col] = frame[id_col].astype(_id_dtype())
+    return frame
+
+
+def _id_dtype():
+    return pd.StringDtype() if pd.__version__ < "3" else "str"
+
+
+def read_shard_metadata(parquet_path: str, id_col: str, columns: Sequence[str], backend: str = "pandas"):
+    """Read one shard's parquet as a DataFrame with ``columns`` (absent ones filled with nulls).
+
+    The id column is cast to string without reformatting (leading zeros kept; integer ids keep
+    their decimal form). Raises ValueError naming the file for null or duplicate ids.
+    """
+    table = pq.read_table(parquet_path)
+    if id_col not in table.column_names:
+        raise KeyError(f"id column {id_col!r} is not in {parquet_path}; its columns are {table.column_names}")
+    ids = table.column(id_col)
+    if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
+        table = table.set_column(table.column_names.index(id_col), id_col, ids.cast(pa.string()))
+    frame = table.to_pandas()
+    frame[id_col] = frame[id_col].astype(_id_dtype())
+    if frame[id_col].isna().any():
+        rows = list(np.flatnonzero(frame[id_col].isna().to_numpy())[:5])
+        raise ValueError(f"{parquet_path}: {frame[id_col].isna().sum()} rows have no id in column {id_col!r} "
+                         f"(first row positions {rows}); every row needs the key of its sample")
+    dup = frame[id_col][frame[id_col].duplicated()]
+    if len(dup):
+        raise ValueError(f"{parquet_path}: duplicate ids in column {id_col!r}: {sorted(set(dup))[:10]}; "
+                         "ids must be unique within a shard")
+    for col in columns:
+        if col not in frame.columns:
+            frame[col] = None
+    frame = frame[list(columns)]
+    if backend == "cudf":
+        return _to_cudf(frame)
+    return frame
+
+
+def _to_cudf(frame: pd.DataFrame):
+    cudf = gpu_only_import("cudf", "backend='cudf'")
+    return cudf.from_pandas(frame)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+def partition_to_arrow(frame) -> pa.Table:
+    """Convert a partition (pandas or cuDF) to Arrow; columns of float arrays become list<float32>."""
+    if not isinstance(frame, pd.DataFrame):
+        frame = frame.to_pandas()
+    arrays, names = [], []
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype == object and _holds_float_arrays(col):
+            values = [None if v is None or (isinstance(v, float) and np.isnan(v)) else np.asarray(v, dtype=np.float32)
+                      for v in col]
+            arrays.append(pa.array(values, type=pa.list_(pa.float32())))
+        else:
+            arrays.append(pa.Array.from_pandas(col))
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _holds_float_arrays(col: pd.Series) -> bool:
+    for v in col:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        return isinstance(v, (np.ndarray, list)) and np.asarray(v).dtype.kind == "f"
+    return False
+
+
+def _write_shard_metadata(frame, parquet_path: str, columns, id_col: str, stats: dict | None) -> dict:
+    """Write one shard's metadata atomically plus its stats file; return the stats dict."""
+    started = time.time()
+    if columns is not None:
+        frame = frame[list(columns)]
+    write_parquet_atomic(partition_to_arrow(frame), parquet_path)
+    shard_stats = dict(stats or {})
+    shard_stats.update(shard=os.path.basename(parquet_path)[: -len(PARQUET_SUFFIX)], rows=int(len(frame)),
+                       write_seconds=round(time.time() - started, 4))
+    write_json_atomic(shard_stats, parquet_path[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX)
+    return shard_stats
+
+
+def _merge_stats(previous: dict | None, new: dict | None) -> dict:
+    merged = dict(previous or {})
+    for key, value in (new or {}).items():
+        if isinstance(value, (int, float)) and isinstance(merged.get(key), (int, float)) and key.endswith("seconds"):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+def summarize_stats(shard_stats: Sequence[dict], seconds: float) -> dict:
+    """Sum the numeric per-shard counters into one run summary (shards listed under ``shards``)."""
+    totals: dict[str, float] = {}
+    for stats in shard_stats:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+    return {"shards_written": len(shard_stats), "seconds": round(seconds, 3), "totals": totals,
+            "shards": list(shard_stats)}

@@ -1,0 +1,162 @@
+"""Dask cluster set-up (``get_client``) and the worker-side cache of loaded models."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable, Hashable
+
+from nemo_curator.utils.import_utils import gpu_only_import
+
+logger = logging.getLogger(__name__)
+
+CLUSTER_TYPES = ("cpu", "gpu")
+
+
+def get_client(
+    cluster_type: str = "cpu",
+    scheduler_address: str | None = None,
+    scheduler_file: str | None = None,
+    n_workers: int | None = os.cpu_count(),
+    threads_per_worker: int = 1,
+    nvlink_only: bool = False,
+    protocol: str = "tcp",
+    rmm_pool_size: str | int | None = "1024M",
+    enable_spilling: bool = True,
+    set_torch_to_use_rmm: bool = False,
+    rmm_async: bool = True,
+    rmm_maximum_pool_size: str | int | None = None,
+    rmm_managed_memory: bool = False,
+    rmm_release_threshold: str | int | None = None,
+    **cluster_kwargs,
+):
+    """Return a ``distributed.Client``: to a running cluster, or to a new local one.
+
+    - ``scheduler_address`` ("tcp://host:8786") or ``scheduler_file`` (JSON written by
+      ``dask scheduler --scheduler-file``): connect to a cluster that already runs (Slurm, PBS,
+      dask-mpi, dask-jobqueue). At most one of the two.
+    - otherwise ``cluster_type="cpu"``: a ``distributed.LocalCluster`` of ``n_workers`` processes
+      with ``threads_per_worker`` threads each; ``"gpu"``: a ``dask_cuda.LocalCUDACluster``, one
+      worker per visible GPU, with the RMM pool, spilling and protocol options passed through.
+      ``set_torch_to_use_rmm=True`` makes torch allocate through RMM on every GPU worker.
+
+    Extra keyword arguments go to the cluster constructor.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    if cluster_type not in CLUSTER_TYPES:
+        raise ValueError(f"cluster_type must be one of {CLUSTER_TYPES}, got {cluster_type!r}")
+    if scheduler_address and scheduler_file:
+        raise ValueError("pass scheduler_address or scheduler_file, not both: they name the same scheduler")
+
+    if scheduler_address or scheduler_file:
+        if scheduler_file and not os.path.exists(scheduler_file):
+            raise FileNotFoundError(f"scheduler file {scheduler_file} does not exist: start the scheduler with "
+                                    f"`dask scheduler --scheduler-file {scheduler_file}` first")
+        client = Client(address=scheduler_address, scheduler_file=scheduler_file, timeout=cluster_kwargs.pop("timeout", "60s"))
+        _require_workers(client, cluster_kwargs.pop("wait_for_workers_timeout", 60))
+    elif cluster_type == "cpu":
+        if n_workers is not None and n_workers < 1:
+            raise ValueError(f"n_workers must be at least 1, got {n_workers}")
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, **cluster_kwargs)
+        client = Client(cluster)
+    else:
+        client = _local_cuda_client(
+            n_workers, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
+            rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs,
+        )
+    if set_torch_to_use_rmm:
+        if cluster_type != "gpu" and not scheduler_address and not scheduler_file:
+            raise ValueError("set_torch_to_use_rmm=True needs GPU workers (cluster_type='gpu')")
+        client.run(_set_torch_to_use_rmm)
+    logger.info("dask client ready: %s (dashboard %s)", client, client.dashboard_link)
+    return client
+
+
+def _require_workers(client, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for at least one worker; raise a clear error if none joins."""
+    try:
+        client.wait_for_workers(1, timeout=timeout_s)
+    except TimeoutError as err:
+        client.close()
+        raise RuntimeError(
+            f"the scheduler at {client.scheduler.address} has no workers after {timeout_s} s: start workers "
+            f"(`dask worker --scheduler-file ...` or `dask cuda worker ...`) before connecting"
+        ) from err
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch without CUDA support
+        return 0
+
+
+def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
+                       rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs):
+    if _cuda_device_count() == 0:
+        raise RuntimeError("cluster_type='gpu' needs a CUDA GPU, and none is visible (check CUDA_VISIBLE_DEVICES "
+                           "and the driver with nvidia-smi), or use cluster_type='cpu'")
+    dask_cuda = gpu_only_import("dask_cuda", "get_client(cluster_type='gpu')")
+    from dask.distributed import Client
+
+    if nvlink_only and protocol != "ucx":
+        raise ValueError("nvlink_only=True needs protocol='ucx'")
+    extra = {}
+    if nvlink_only:
+        extra.update(enable_tcp_over_ucx=False, enable_nvlink=True, enable_infiniband=False)
+    if rmm_async:
+        extra["rmm_async"] = True
+        if rmm_release_threshold is not None:
+            extra["rmm_release_threshold"] = rmm_release_threshold
+    else:
+        extra["rmm_managed_memory"] = rmm_managed_memory
+        if rmm_maximum_pool_size is not None:
+            extra["rmm_maximum_pool_size"] = rmm_maximum_pool_size
+    if rmm_pool_size is not None:
+        extra["rmm_pool_size"] = rmm_pool_size
+    if n_workers is not None and n_workers != os.cpu_count():
+        extra["n_workers"] = n_workers  # default: one worker per visible GPU
+    cluster = dask_cuda.LocalCUDACluster(protocol=protocol, enable_cudf_spill=enable_spilling, **extra, **cluster_kwargs)
+    return Client(cluster)
+
+
+def _set_torch_to_use_rmm() -> None:
+    """Route torch's CUDA allocations through RMM on this worker."""
+    rmm_torch = gpu_only_import("rmm.allocators.torch", "set_torch_to_use_rmm=True")
+    import torch
+
+    torch.cuda.memory.change_current_allocator(rmm_torch.rmm_torch_allocator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker-side cache: one loaded object per (process, key). The key must hold the object's WHOLE
+# configuration (model name, weights, precision, device, ...), never the name alone.
+_CACHE: dict[Hashable, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_object_on_worker(key: Hashable, loader: Callable[[], Any]) -> Any:
+    """Return the object cached under ``key`` in this process, calling ``loader()`` the first time.
+
+    Thread-safe: a worker with several threads loads each object once.
+    """
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            logger.info("loading %s on worker pid %d", key, os.getpid())
+            _CACHE[key] = loader()
+        return _CACHE[key]
+
+
+def clear_worker_cache() -> None:
+    """Drop every cached object in this process (e.g. to free GPU memory between runs)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def cached_keys() -> list[Hashable]:
+    """The keys cached in this process (for tests and diagnostics)."""
+    with _CACHE_LOCK:
+        return list(_CACHE)

@@ -1,0 +1,194 @@
+"""The shard layout: the one place that knows how a dataset folder and a webdataset tar look.
+
+A dataset folder holds shards ``<name>.tar`` (webdataset members ``<key>.<ext>``) each with a
+metadata file ``<name>.parquet`` (one row per sample) and optionally a DALI index ``<name>.idx``.
+This is what img2dataset writes. Tars and parquets are paired by their file name, never by position.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+TAR_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+INDEX_SUFFIX = ".idx"
+DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+_MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a dataset folder: its name (file stem) and the paths of its files."""
+
+    name: str
+    tar: str
+    parquet: str
+    idx: str
+
+    @classmethod
+    def in_folder(cls, folder: str | os.PathLike, name: str) -> "Shard":
+        folder = os.fspath(folder)
+        return cls(
+            name=name,
+            tar=os.path.join(folder, name + TAR_SUFFIX),
+            parquet=os.path.join(folder, name + PARQUET_SUFFIX),
+            idx=os.path.join(folder, name + INDEX_SUFFIX),
+        )
+
+
+def shard_name(index: int, digits: int) -> str:
+    """Zero-padded shard name: ``shard_name(42, 5) == "00042"``."""
+    return f"{index:0{digits}d}"
+
+
+def find_shards(path: str | os.PathLike, require_parquet: bool = True) -> list[Shard]:
+    """List the shards of a dataset folder, sorted by name, pairing files by name.
+
+    Raises FileNotFoundError for a missing folder, a folder without shards, a tar without its
+    parquet or a parquet without its tar (all such files are named in the message).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist (or is not a folder): pass the folder "
+                                f"that holds the NNNNN.tar + NNNNN.parquet shards")
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    tars = {n[: -len(TAR_SUFFIX)] for n in names if n.endswith(TAR_SUFFIX)}
+    parquets = {n[: -len(PARQUET_SUFFIX)] for n in names if n.endswith(PARQUET_SUFFIX)}
+    if not tars and not parquets:
+        raise FileNotFoundError(f"no shards in {folder}: expected webdataset files NNNNN.tar with NNNNN.parquet "
+                                f"beside each (the layout img2dataset writes)")
+    if require_parquet:
+        lonely_tars = sorted(tars - parquets)
+        lonely_parquets = sorted(parquets - tars)
+        problems = []
+        if lonely_tars:
+            problems.append("tar without its parquet: " + ", ".join(str(folder / (n + TAR_SUFFIX)) for n in lonely_tars[:10]))
+        if lonely_parquets:
+            problems.append("parquet without its tar: " + ", ".join(str(folder / (n + PARQUET_SUFFIX)) for n in lonely_parquets[:10]))
+        if problems:
+            raise FileNotFoundError(
+                f"unpaired shard files in {folder}: " + "; ".join(problems)
+                + ". Every NNNNN.tar needs a NNNNN.parquet with one row per sample (and vice versa); "
+                "`nemo-curator-image index-metadata` writes a parquet for tars that have none."
+            )
+    return [Shard.in_folder(folder, n) for n in sorted(tars)]
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """Split a tar member name into (key, extension) the webdataset way.
+
+    The key is everything up to the first dot of the file name (directories kept), the extension
+    the rest, lower-cased: ``"a/000123.seg.png" -> ("a/000123", "seg.png")``. Returns None for
+    names without an extension.
+    """
+    match = _MEMBER_RE.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+@dataclass
+class TarMember:
+    """One file of a sample: its member name, extension and where its bytes lie in the tar."""
+
+    name: str
+    ext: str
+    offset_data: int
+    size: int
+
+
+def iter_tar_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, list[TarMember]]]:
+    """Stream (key, members) for each sample of a tar, in tar order, without reading file bodies.
+
+    Members of one sample are consecutive in a webdataset tar; a key that reappears later is
+    reported again as a new group (callers decide whether that is an error).
+    """
+    with tarfile.open(tar_path, "r|") as stream:
+        key, members = None, []
+        for info in stream:
+            if not info.isfile():
+                continue
+            parsed = split_member_name(info.name)
+            if parsed is None:
+                continue
+            member_key, ext = parsed
+            if member_key != key and members:
+                yield key, members
+                members = []
+            key = member_key
+            members.append(TarMember(info.name, ext, info.offset_data, info.size))
+        if members:
+            yield key, members
+
+
+def read_member_bytes(f, member: TarMember) -> bytes:
+    """Read one member's bytes from an open binary file of the tar."""
+    f.seek(member.offset_data)
+    data = f.read(member.size)
+    if len(data) != member.size:
+        raise EOFError(f"tar member {member.name} is truncated ({len(data)} of {member.size} bytes)")
+    return data
+
+
+def dali_index_lines(samples: Iterable[tuple[str, list[TarMember]]]) -> list[str]:
+    """Lines of a DALI webdataset index (format v1.2): header, then one line per sample.
+
+    Each sample line lists ``ext data_offset size member_name`` for each of its members.
+    """
+    lines = []
+    for _, members in samples:
+        lines.append(" ".join(f"{m.ext} {m.offset_data} {m.size} {m.name}" for m in members))
+    return [f"v1.2 {len(lines)}"] + lines
+
+
+def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> str:
+    """Write the DALI index of ``tar_path`` (default: beside it as ``.idx``) atomically; return its path."""
+    from nemo_curator.utils.file_utils import atomic_write
+
+    idx_path = os.fspath(idx_path) if idx_path else os.fspath(tar_path)[: -len(TAR_SUFFIX)] + INDEX_SUFFIX
+    text = "\n".join(dali_index_lines(iter_tar_samples(tar_path))) + "\n"
+    with atomic_write(idx_path, "w") as f:
+        f.write(text)
+    return idx_path
+
+
+class TarWriter:
+    """Write webdataset members to a binary file object, recording the index as it goes.
+
+    ``add(name, data)`` appends one regular file; ``index_lines()`` gives the DALI index of what
+    was written. Use ``tarfile`` headers (USTAR/PAX) so any tar reader opens the result.
+    """
+
+    def __init__(self, fileobj):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)
+        self._samples: list[tuple[str, list[TarMember]]] = []
+
+    def add(self, name: str, data: bytes, mtime: float = 0.0) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = mtime
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        parsed = split_member_name(name)
+        if parsed is None:
+            return
+        key, ext = parsed
+        # offset_data is where the body starts: the tar's offset after addfile minus the padded body.
+        padded = (len(data) + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+        member = TarMember(name, ext, self._tar.offset - padded, len(data))
+        if self._samples and self._samples[-1][0] == key:
+            self._samples[-1][1].append(member)
+        else:
+            self._samples.append((key, [member]))
+
+    def index_lines(self) -> list[str]:
+        return dali_index_lines(self._samples)
+
+    def close(self) -> None:
+        self._tar.close()
