@@ -104,12 +104,21 @@ class TarMember:
 
 
 def iter_tar_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, list[TarMember]]]:
-    """Stream (key, members) for each sample of a tar, in tar order, without reading file bodies.
+    """Stream (key, members) for each sample of a tar, in tar order, reading headers only.
 
-    Members of one sample are consecutive in a webdataset tar; a key that reappears later is
-    reported again as a new group (callers decide whether that is an error).
+    File bodies are skipped by seeking, so the cost does not grow with image size. Members of one
+    sample are consecutive in a webdataset tar; a key that reappears later is reported again as a
+    new group (callers decide whether that is an error). A damaged tar raises ``tarfile.ReadError``
+    naming the file.
     """
-    with tarfile.open(tar_path, "r|") as stream:
+    try:
+        yield from _iter_tar_samples(tar_path)
+    except tarfile.ReadError as err:
+        raise tarfile.ReadError(f"{tar_path} is not a readable tar file ({err}): re-download or rewrite the shard") from err
+
+
+def _iter_tar_samples(tar_path):
+    with tarfile.open(tar_path, "r:") as stream:
         key, members = None, []
         for info in stream:
             if not info.isfile():
@@ -134,6 +143,33 @@ def read_member_bytes(f, member: TarMember) -> bytes:
     if len(data) != member.size:
         raise EOFError(f"tar member {member.name} is truncated ({len(data)} of {member.size} bytes)")
     return data
+
+
+def read_dali_index(idx_path: str | os.PathLike) -> list[tuple[str, list[TarMember]]]:
+    """Parse a DALI webdataset index (v1.2: ``ext offset size name`` groups) into (key, members).
+
+    Raises ValueError naming the file when it is not a v1.2 index (rewrite it with
+    ``write_dali_index`` / ``nemo-curator-image index``).
+    """
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != "v1.2":
+            raise ValueError(f"{idx_path} is not a DALI v1.2 webdataset index (header {header!r}); "
+                             "rewrite it with `nemo-curator-image index <folder>`")
+        samples = []
+        for line_no, line in enumerate(f, start=2):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) % 4:
+                raise ValueError(f"{idx_path}:{line_no}: expected groups of 'ext offset size name', got {line.strip()!r}")
+            members = [TarMember(fields[i + 3], fields[i], int(fields[i + 1]), int(fields[i + 2]))
+                       for i in range(0, len(fields), 4)]
+            parsed = split_member_name(members[0].name)
+            samples.append((parsed[0] if parsed else members[0].name, members))
+    if len(samples) != int(header[1]):
+        raise ValueError(f"{idx_path}: header announces {header[1]} samples but lists {len(samples)}; rewrite the index")
+    return samples
 
 
 def dali_index_lines(samples: Iterable[tuple[str, list[TarMember]]]) -> list[str]:

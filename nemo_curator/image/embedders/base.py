@@ -1,0 +1,233 @@
+"""ImageEmbedder: the shard-by-shard embedding job shared by every embedder.
+
+A subclass says how to read a shard (``load_dataset_shard``) and how to build the model
+(``load_embedding_model``); this class runs one Dask task per shard on the worker, loads the
+model and the attached classifier heads once per worker, and joins embeddings and scores to the
+shard's metadata rows BY ID.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from nemo_curator.image import status as image_status
+from nemo_curator.utils.distributed_utils import load_object_on_worker
+
+logger = logging.getLogger(__name__)
+
+KEY_FIELD = "__key__"  # webdataset's name for a sample's key, used in metadata dicts
+
+
+@dataclass
+class ShardItems:
+    """What a shard reader yields: a batch of images (or None) and the ids it covers.
+
+    - ``batch`` not None: a float tensor (N, C, H, W) on the model's device; ``ids`` has N ids.
+    - ``batch`` None: ``ids`` whose samples could not be used, with ``status`` saying why
+      (``decode_failed``, or ``extra_in_tar`` for samples that have no metadata row).
+    """
+
+    batch: Any
+    ids: list[str]
+    status: str = image_status.OK
+    error: str | None = None
+
+
+EXTRA_IN_TAR = "extra_in_tar"
+
+
+class ImageEmbedder(ABC):
+    """Adds an embedding column (and one column per attached classifier) to a dataset, lazily.
+
+    Args:
+        model_name: name of the embedding model (part of the worker cache key).
+        image_embedding_column: column that receives float32 embeddings (one array per row).
+        classifiers: ``ImageClassifier`` heads run on the embeddings on the same device.
+
+    Subclasses implement ``load_dataset_shard(tar_path)`` → iterable of ``(batch, metadata)``
+    (metadata: one dict per image holding its id under the dataset's id column or ``"__key__"``)
+    and ``load_embedding_model(device)`` → callable mapping a batch to (N, D) embeddings.
+    """
+
+    status_column = image_status.STATUS_COLUMN
+
+    def __init__(self, model_name: str, image_embedding_column: str, classifiers: Sequence[Any] = ()):
+        self.model_name = model_name
+        self.image_embedding_column = image_embedding_column
+        self.classifiers = list(classifiers)
+        pred_columns = [c.pred_column for c in self.classifiers]
+        clashes = {image_embedding_column, self.status_column} & set(pred_columns)
+        if len(set(pred_columns)) != len(pred_columns) or clashes:
+            raise ValueError(f"classifier pred_columns {pred_columns} must be distinct and differ from "
+                             f"{image_embedding_column!r} and {self.status_column!r}")
+        for clf in self.classifiers:
+            if clf.embedding_column != image_embedding_column:
+                raise ValueError(f"{type(clf).__name__} reads embedding_column={clf.embedding_column!r} but this embedder "
+                                 f"writes {image_embedding_column!r}: make them the same")
+
+    # -- the subclass API (that of the original NeMo Curator image module) ---------------------
+    @abstractmethod
+    def load_dataset_shard(self, tar_path: str) -> Iterable[tuple[Any, list[dict]]]:
+        """Yield ``(batch, metadata)`` for the images of one tar: batch (N, ...) on the model's
+        device, metadata a list of N dicts each holding the sample's id."""
+
+    @abstractmethod
+    def load_embedding_model(self, device: str) -> Callable[[Any], Any]:
+        """Return a callable mapping a batch to an (N, D) tensor of embeddings on ``device``."""
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def config(self) -> dict:
+        """Everything that changes the embeddings: the worker cache key and the lineage come from it."""
+        return {"class": type(self).__qualname__, "model_name": self.model_name}
+
+    def normalize(self, embeddings):
+        """Post-process (N, D) embeddings before the heads; identity by default."""
+        return embeddings
+
+    def iter_shard(self, tar_path: str, wanted_ids: set[str], id_col: str, device: str) -> Iterator[ShardItems]:
+        """Yield ``ShardItems`` for one shard. The default wraps ``load_dataset_shard``; subclasses
+        may override it to skip samples that are not wanted and report decode failures."""
+        for batch, metadata in self.load_dataset_shard(tar_path):
+            ids = [str(m[id_col] if id_col in m else m[KEY_FIELD]) for m in metadata]
+            yield ShardItems(batch, ids)
+
+    # -- the job ----------------------------------------------------------------------------------
+    def __call__(self, dataset):
+        """Return a new dataset whose metadata gains the embedding, ``image_status`` and score
+        columns; lazy (one task per shard)."""
+        meta = dataset.metadata._meta.copy()
+        meta[self.image_embedding_column] = pd.Series([], dtype=object)
+        meta[self.status_column] = pd.Series([], dtype=meta[dataset.id_col].dtype)
+        for clf in self.classifiers:
+            meta[clf.pred_column] = pd.Series([], dtype=np.float32)
+        lineage = repr(sorted(self.config().items())) + "|" + "|".join(repr(c.cache_key()) for c in self.classifiers)
+        return dataset.map_shards(_ShardTask(self, dataset.id_col), meta=meta, lineage_step=f"embed:{lineage}",
+                                  returns_stats=True, name="embed-shard")
+
+    def worker_device(self) -> str:
+        """The device this worker computes on: its GPU when it has one, else the CPU."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def get_model(self, device: str):
+        key = tuple(sorted(self.config().items())) + (("device", device),)
+        return load_object_on_worker(key, lambda: self.load_embedding_model(device))
+
+    def embed_shard(self, frame: pd.DataFrame, tar_path: str, id_col: str) -> tuple[pd.DataFrame, dict]:
+        """Embed and score one shard; return (frame with new columns, stats).
+
+        Rows are matched to images by id. Rows without an image get status ``missing_image``;
+        images that fail to decode ``decode_failed``; both keep their row with a null embedding
+        and NaN scores. Samples in the tar without a row are skipped and counted.
+        """
+        import torch
+
+        started = time.time()
+        device = self.worker_device()
+        model = self.get_model(device)
+        heads = [clf.get_model(device) for clf in self.classifiers]
+        is_pandas = isinstance(frame, pd.DataFrame)
+        pdf = frame if is_pandas else frame.to_pandas()
+        ids = pdf[id_col].astype(str).tolist()
+        wanted = set(ids)
+
+        found_ids: list[str] = []
+        embeddings: list[np.ndarray] = []
+        scores: list[list[np.ndarray]] = [[] for _ in self.classifiers]
+        failed: dict[str, str] = {}
+        extra = 0
+        first_error = None
+        for item in self.iter_shard(tar_path, wanted, id_col, device):
+            if item.batch is None:
+                if item.status == EXTRA_IN_TAR:
+                    extra += len(item.ids)
+                else:
+                    failed.update({i: item.status for i in item.ids})
+                    first_error = first_error or item.error
+                continue
+            with torch.inference_mode():
+                emb = self.normalize(model(item.batch)).float()
+                if emb.ndim != 2 or emb.shape[0] != len(item.ids):
+                    raise RuntimeError(f"{type(self).__name__}: the model returned shape {tuple(emb.shape)} for a batch "
+                                       f"of {len(item.ids)} images; expected (N, D)")
+                for k, (clf, head) in enumerate(zip(self.classifiers, heads)):
+                    scores[k].append(clf.score_tensor(head, emb).float().cpu().numpy().reshape(-1))
+            embeddings.append(emb.cpu().numpy())
+            found_ids.extend(item.ids)
+
+        out, counts = self._join_by_id(pdf, id_col, found_ids, embeddings, scores, failed)
+        counts[EXTRA_IN_TAR] = counts.get(EXTRA_IN_TAR, 0) + extra
+        seconds = time.time() - started
+        stats = {"tar": tar_path, "samples_in": len(pdf), **counts, "embed_seconds": round(seconds, 3),
+                 "images_per_second": round(counts["embedded"] / seconds, 2) if seconds > 0 else None}
+        if first_error:
+            stats["first_error"] = first_error[:500]
+        level = logging.WARNING if counts["decode_failed"] or counts["missing_image"] or counts[EXTRA_IN_TAR] else logging.INFO
+        logger.log(level, "embedded %s: %s", os.path.basename(tar_path), {k: v for k, v in stats.items() if k != "first_error"})
+        if not is_pandas:
+            out = type(frame).from_pandas(out)
+        return out, stats
+
+    def _join_by_id(self, pdf, id_col, found_ids, embeddings, scores, failed):
+        """Place embeddings and scores on the rows with the same id; count row statuses."""
+        n = len(pdf)
+        dup_extra = 0
+        if len(set(found_ids)) != len(found_ids):
+            raise RuntimeError(f"the shard reader yielded duplicate ids {_first_dups(found_ids)}: an embedder must yield each id once")
+        row_of_id = pd.Index(found_ids).get_indexer(pdf[id_col].astype(str))  # -1: no embedding
+        has = row_of_id >= 0
+        emb_matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+        emb_col = np.empty(n, dtype=object)
+        emb_col[:] = None
+        for r in np.flatnonzero(has):
+            emb_col[r] = emb_matrix[row_of_id[r]]
+        status = np.full(n, image_status.MISSING_IMAGE, dtype=object)
+        status[has] = image_status.OK
+        for r, i in enumerate(pdf[id_col].astype(str)):
+            if i in failed:
+                status[r] = failed[i]
+        out = pdf.copy()
+        out[self.image_embedding_column] = emb_col
+        out[self.status_column] = pd.Series(status, index=pdf.index).astype(pdf[id_col].dtype)
+        for clf, chunks in zip(self.classifiers, scores):
+            values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+            col = np.full(n, np.nan, dtype=np.float32)
+            col[has] = values[row_of_id[has]]
+            out[clf.pred_column] = clf.postprocess(pd.Series(col, index=pdf.index)).astype(np.float32)
+        counts = {"embedded": int(has.sum()),
+                  image_status.DECODE_FAILED: int((status == image_status.DECODE_FAILED).sum()),
+                  image_status.MISSING_IMAGE: int((status == image_status.MISSING_IMAGE).sum()),
+                  EXTRA_IN_TAR: dup_extra}
+        return out, counts
+
+
+def _first_dups(ids: list[str]) -> list[str]:
+    seen, dups = set(), []
+    for i in ids:
+        if i in seen:
+            dups.append(i)
+        seen.add(i)
+    return dups[:5]
+
+
+class _ShardTask:
+    """The picklable per-shard callable: ``(partition, tar_path) -> (partition, stats)``."""
+
+    def __init__(self, embedder: ImageEmbedder, id_col: str):
+        self.embedder = embedder
+        self.id_col = id_col
+
+    def __call__(self, frame, tar_path: str):
+        return self.embedder.embed_shard(frame, tar_path, self.id_col)
+
+    def __dask_tokenize__(self):
+        return (type(self.embedder).__qualname__, sorted(self.embedder.config().items()), self.id_col,
+                [c.cache_key() for c in self.embedder.classifiers])

@@ -1,0 +1,300 @@
+"""TimmImageEmbedder: DALI decode + timm eval transform on every worker, a timm model embeds."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Iterator, Sequence
+
+from nemo_curator.image import status as image_status
+from nemo_curator.image.embedders.base import EXTRA_IN_TAR, KEY_FIELD, ImageEmbedder, ShardItems
+from nemo_curator.image.transforms import TransformSpec, dali_preprocess
+from nemo_curator.utils.webdataset import (
+    DEFAULT_IMAGE_EXTENSIONS, INDEX_SUFFIX, TAR_SUFFIX, TarMember, iter_tar_samples, read_dali_index, split_member_name,
+)
+
+logger = logging.getLogger(__name__)
+
+_DALI_EXT = "img"  # every image member is listed under this extension in the index we give DALI
+
+
+class TimmImageEmbedder(ImageEmbedder):
+    """Embed images with a timm model; DALI decodes and preprocesses (GPU "mixed", or CPU).
+
+    Args:
+        model_name: timm model name, e.g. ``"vit_large_patch14_clip_quickgelu_224.openai"``.
+        pretrained: load timm's pretrained weights (Hugging Face cache; ``HF_HUB_OFFLINE=1`` works).
+        batch_size: images per model call (any value ≥ 1).
+        num_threads_per_worker: DALI CPU threads per worker.
+        image_embedding_column: output column of float32 arrays (D values each).
+        normalize_embeddings: L2-normalise each embedding (the heads expect it).
+        classifiers: ``ImageClassifier`` heads, run on the embeddings on the same device.
+        autocast: bf16 autocast on GPU and on CPU (where it is faster than fp32).
+        use_index_files: read ``NNNNN.idx`` beside each tar instead of scanning the tar's headers;
+            a missing index file is an error.
+        image_extensions: member extensions taken as the image, in order of preference.
+        checkpoint_path: a local weights file (timm or original format) instead of the hub.
+        model_kwargs: extra ``timm.create_model`` arguments (part of the cache key).
+        adjust_orientation: apply EXIF orientation when decoding (timm's PIL path does not).
+        device: "auto" (GPU when the worker has one), "cpu" or "cuda".
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        batch_size: int = 1,
+        num_threads_per_worker: int = 4,
+        image_embedding_column: str = "image_embedding",
+        normalize_embeddings: bool = True,
+        classifiers: Sequence[Any] = (),
+        autocast: bool = True,
+        use_index_files: bool = False,
+        image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict | None = None,
+        adjust_orientation: bool = True,
+        device: str = "auto",
+    ):
+        super().__init__(model_name, image_embedding_column, classifiers)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_threads_per_worker < 1:
+            raise ValueError(f"num_threads_per_worker must be at least 1, got {num_threads_per_worker}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint_path {checkpoint_path} does not exist")
+        self.pretrained = pretrained
+        self.batch_size = batch_size
+        self.num_threads_per_worker = num_threads_per_worker
+        self.normalize_embeddings = normalize_embeddings
+        self.autocast = autocast
+        self.use_index_files = use_index_files
+        self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
+        self.checkpoint_path = os.path.abspath(checkpoint_path) if checkpoint_path else None
+        self.model_kwargs = dict(model_kwargs or {})
+        self.adjust_orientation = adjust_orientation
+        self.device = device
+        # The transform comes from timm's pretrained config: no model is built on the client.
+        overlay = {"input_size": (3, self.model_kwargs["img_size"], self.model_kwargs["img_size"])} \
+            if isinstance(self.model_kwargs.get("img_size"), int) else None
+        self.transform = TransformSpec.from_timm(model_name, overlay)
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "pretrained": self.pretrained,
+            "checkpoint_path": self.checkpoint_path,
+            "autocast": self.autocast,
+            "normalize_embeddings": self.normalize_embeddings,
+            "model_kwargs": repr(sorted(self.model_kwargs.items())),
+        }
+
+    def worker_device(self) -> str:
+        return super().worker_device() if self.device == "auto" else self.device
+
+    # -- model -------------------------------------------------------------------------------------
+    def load_embedding_model(self, device: str):
+        """Build the timm model on ``device`` in eval mode; return ``batch (N,3,H,W) -> (N,D) float``."""
+        import timm
+        import torch
+
+        kwargs = dict(self.model_kwargs)
+        if self.checkpoint_path:
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": self.checkpoint_path}
+        try:
+            model = timm.create_model(self.model_name, pretrained=self.pretrained or bool(self.checkpoint_path), **kwargs)
+        except Exception as err:  # hub unreachable, cache empty, corrupt file
+            if not (self.pretrained or self.checkpoint_path):
+                raise
+            raise RuntimeError(
+                f"could not load the weights of {self.model_name!r} "
+                f"({'from ' + self.checkpoint_path if self.checkpoint_path else 'from the Hugging Face hub or its cache'}): "
+                f"{type(err).__name__}: {err}. Supply them with checkpoint_path=<local file>, or place timm's "
+                f"model.safetensors in the Hugging Face cache ($HF_HOME/hub/models--timm--<name>/snapshots/<rev>/) "
+                f"and set HF_HUB_OFFLINE=1 on every worker"
+            ) from err
+        model = model.eval().to(device)
+        use_autocast = self.autocast
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        if device_type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+
+        def embed(batch):
+            if device_type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_autocast):
+                return model(batch)
+
+        return embed
+
+    def normalize(self, embeddings):
+        import torch
+
+        embeddings = embeddings.float()
+        return torch.nn.functional.normalize(embeddings, dim=-1) if self.normalize_embeddings else embeddings
+
+    # -- data ----------------------------------------------------------------------------------------
+    def load_dataset_shard(self, tar_path: str):
+        """Yield ``(batch, metadata)`` for every image of ``tar_path`` (metadata: ``{"__key__": id}``).
+
+        Images that fail to decode are skipped here; ``embed_shard`` reports them per row.
+        """
+        for item in self.iter_shard(tar_path, None, KEY_FIELD, self.worker_device()):
+            if item.batch is not None:
+                yield item.batch, [{KEY_FIELD: i} for i in item.ids]
+
+    def image_members(self, tar_path: str) -> list[tuple[str, TarMember | None]]:
+        """(key, image member or None) for each sample of the tar, in tar order."""
+        if self.use_index_files:
+            idx = tar_path[: -len(TAR_SUFFIX)] + INDEX_SUFFIX
+            if not os.path.isfile(idx):
+                raise FileNotFoundError(f"use_index_files=True but {idx} does not exist: write it with "
+                                        f"`nemo-curator-image index {os.path.dirname(tar_path) or '.'}` or pass use_index_files=False")
+            samples = read_dali_index(idx)
+        else:
+            samples = iter_tar_samples(tar_path)
+        rank = {ext: r for r, ext in enumerate(self.image_extensions)}
+        result = []
+        for key, members in samples:
+            images = sorted((m for m in members if m.ext in rank), key=lambda m: rank[m.ext])
+            result.append((key, images[0] if images else None))
+        return result
+
+    def iter_shard(self, tar_path: str, wanted_ids, id_col: str, device: str) -> Iterator[ShardItems]:
+        """Decode the wanted images of a shard in batches; isolate and report undecodable ones."""
+        members = self.image_members(tar_path)
+        selected, extra, seen = [], [], set()
+        for key, member in members:
+            if (wanted_ids is not None and key not in wanted_ids) or key in seen:
+                extra.append(key)
+            elif member is not None:
+                selected.append((key, member))
+                seen.add(key)
+        if extra:
+            yield ShardItems(None, extra, EXTRA_IN_TAR)
+        if not selected:
+            return
+        with tempfile.TemporaryDirectory(prefix="nemo-curator-dali-") as tmp:
+            yield from _DaliShardReader(self, tar_path, tmp, device).read(selected, self.batch_size)
+
+
+class _DaliShardReader:
+    """Runs DALI over chosen members of one tar; on a failed batch, finds the bad images.
+
+    DALI cannot drop one sample from a batch, and a pipeline that raised is dead. A failed batch
+    is therefore redone image by image (batch size 1, no prefetch): each image that still fails
+    is reported ``decode_failed``; a fresh pipeline then carries on after it.
+    """
+
+    def __init__(self, embedder: TimmImageEmbedder, tar_path: str, tmp_dir: str, device: str):
+        self.embedder = embedder
+        self.tar_path = tar_path
+        self.tmp_dir = tmp_dir
+        self.device = device
+        self.device_id = _cuda_index(device)
+        self._segment = 0
+
+    def read(self, samples: list[tuple[str, TarMember]], batch_size: int) -> Iterator[ShardItems]:
+        start = 0
+        while start < len(samples):
+            segment = samples[start:]
+            done = 0
+            try:
+                for ids, batch in self._run(segment, batch_size):
+                    yield ShardItems(batch, ids)
+                    done += len(ids)
+                return
+            except _BatchFailed as failure:
+                failed_batch = segment[done: done + failure.batch_len]
+                if failure.batch_len == 1:
+                    key = failed_batch[0][0]
+                    logger.warning("%s: image of %s could not be decoded: %s", self.tar_path, key, failure.message)
+                    yield ShardItems(None, [key], image_status.DECODE_FAILED, failure.message)
+                else:
+                    yield from self.read(failed_batch, 1)
+                start += done + failure.batch_len
+
+    def _run(self, samples, batch_size: int):
+        """Yield (ids, batch) for ``samples`` in order; raise _BatchFailed on a DALI error."""
+        import torch
+
+        bs = min(batch_size, len(samples))
+        pipe = self._build(samples, bs, exact=bs == 1)
+        n_batches = -(-len(samples) // bs)
+        for b in range(n_batches):
+            want = samples[b * bs: (b + 1) * bs]
+            try:
+                images, encoded = pipe.run()
+            except RuntimeError as err:
+                del pipe
+                raise _BatchFailed(len(want), _short_error(err)) from None
+            sources = [encoded[i].source_info() for i in range(len(want))]
+            got = [split_member_name(s.rsplit(":", 1)[-1])[0] for s in sources]
+            expected = [k for k, _ in want]
+            if got != expected:
+                raise RuntimeError(f"DALI returned samples {got[:3]}... where {expected[:3]}... were expected in {self.tar_path}")
+            yield expected, _to_torch(images, len(want), self.device, torch)
+
+    def _build(self, samples, batch_size: int, exact: bool):
+        from nvidia.dali import fn, pipeline_def, types
+
+        self._segment += 1
+        idx_path = os.path.join(self.tmp_dir, f"segment{self._segment}.idx")
+        with open(idx_path, "w") as f:
+            f.write(f"v1.2 {len(samples)}\n")
+            f.writelines(f"{_DALI_EXT} {m.offset_data} {m.size} {m.name}\n" for _, m in samples)
+        embedder = self.embedder
+        gpu = self.device_id is not None
+        extra = {"exec_async": False, "exec_pipelined": False, "prefetch_queue_depth": 1} if exact else {}
+
+        @pipeline_def(batch_size=batch_size, num_threads=embedder.num_threads_per_worker, device_id=self.device_id, **extra)
+        def pipeline():
+            encoded = fn.readers.webdataset(paths=[self.tar_path], index_paths=[idx_path], ext=[_DALI_EXT],
+                                            missing_component_behavior="error", pad_last_batch=True, name="reader")
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       adjust_orientation=embedder.adjust_orientation)
+            return dali_preprocess(images, embedder.transform), encoded
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+
+class _BatchFailed(Exception):
+    def __init__(self, batch_len: int, message: str):
+        super().__init__(message)
+        self.batch_len = batch_len
+        self.message = message
+
+
+def _short_error(err: Exception) -> str:
+    """The cause of a DALI pipeline error, without the Python traceback DALI wraps around it."""
+    text = str(err)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    text = text.split("C++ context", 1)[0].split("Current pipeline object", 1)[0]
+    return " ".join(text.split())[:500]
+
+
+def _cuda_index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+
+
+def _to_torch(images, n: int, device: str, torch):
+    """DALI output (N, C, H, W) float -> torch tensor on ``device``; GPU data stays on the GPU."""
+    tensor = images.as_tensor()
+    if device.startswith("cuda"):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(tuple(tensor.shape()), dtype=torch.float32, device=device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
+        return out[:n]
+    import numpy as np
+
+    return torch.from_numpy(np.array(tensor)[:n])
