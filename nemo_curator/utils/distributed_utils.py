@@ -49,6 +49,9 @@ def get_client(
     if scheduler_address and scheduler_file:
         raise ValueError("pass scheduler_address or scheduler_file, not both: they name the same scheduler")
 
+    if set_torch_to_use_rmm and cluster_type != "gpu" and not scheduler_address and not scheduler_file:
+        raise ValueError("set_torch_to_use_rmm=True needs GPU workers (cluster_type='gpu')")
+
     if scheduler_address or scheduler_file:
         if scheduler_file and not os.path.exists(scheduler_file):
             raise FileNotFoundError(f"scheduler file {scheduler_file} does not exist: start the scheduler with "
@@ -66,8 +69,6 @@ def get_client(
             rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs,
         )
     if set_torch_to_use_rmm:
-        if cluster_type != "gpu" and not scheduler_address and not scheduler_file:
-            raise ValueError("set_torch_to_use_rmm=True needs GPU workers (cluster_type='gpu')")
         client.run(_set_torch_to_use_rmm)
     logger.info("dask client ready: %s (dashboard %s)", client, client.dashboard_link)
     return client
@@ -75,12 +76,15 @@ def get_client(
 
 def _require_workers(client, timeout_s: float) -> None:
     """Wait up to ``timeout_s`` for at least one worker; raise a clear error if none joins."""
+    from distributed.exceptions import WorkerStartTimeoutError
+
     try:
         client.wait_for_workers(1, timeout=timeout_s)
-    except TimeoutError as err:
+    except (TimeoutError, WorkerStartTimeoutError) as err:
+        address = client.scheduler_info().get("address", "?") if client.status == "running" else "?"
         client.close()
         raise RuntimeError(
-            f"the scheduler at {client.scheduler.address} has no workers after {timeout_s} s: start workers "
+            f"the scheduler at {address} has no workers after {timeout_s} s: start workers "
             f"(`dask worker --scheduler-file ...` or `dask cuda worker ...`) before connecting"
         ) from err
 

@@ -1,0 +1,79 @@
+"""get_client: local CPU clusters, connecting to running clusters, and argument errors."""
+import json
+
+import pytest
+from distributed import LocalCluster
+
+from nemo_curator import get_client
+
+
+def test_cpu_cluster_has_requested_workers_and_threads():
+    client = get_client(cluster_type="cpu", n_workers=1, threads_per_worker=2, dashboard_address=":0")
+    try:
+        info = client.scheduler_info()["workers"]
+        assert len(info) == 1
+        assert [w["nthreads"] for w in info.values()] == [2]
+        assert client.submit(lambda x: x + 1, 1).result() == 2
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def test_connects_to_running_cluster_by_address_and_by_scheduler_file(client, tmp_path):
+    address = client.scheduler.address
+    other = get_client(scheduler_address=address)
+    try:
+        assert other.submit(sum, [1, 2]).result() == 3
+    finally:
+        other.close()
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": address}))
+    other = get_client(scheduler_file=str(scheduler_file))
+    try:
+        assert len(other.scheduler_info()["workers"]) == 2
+    finally:
+        other.close()
+
+
+def test_scheduler_without_workers_is_a_clear_error():
+    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster:
+        with pytest.raises(RuntimeError, match="has no workers"):
+            get_client(scheduler_address=cluster.scheduler_address, wait_for_workers_timeout=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"cluster_type": "tpu"}, ValueError, "cluster_type must be one of"),
+        ({"scheduler_address": "tcp://x:1", "scheduler_file": "f.json"}, ValueError, "not both"),
+        ({"scheduler_file": "/nonexistent/scheduler.json"}, FileNotFoundError, "dask scheduler --scheduler-file"),
+        ({"n_workers": 0}, ValueError, "n_workers must be at least 1"),
+        ({"set_torch_to_use_rmm": True, "n_workers": 1, "dashboard_address": ":0"}, ValueError, "needs GPU workers"),
+    ],
+)
+def test_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        get_client(**kwargs)
+
+
+def test_gpu_cluster_without_gpu_says_so():
+    from conftest import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        get_client(cluster_type="gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_one_worker_per_gpu():
+    import torch
+
+    client = get_client(cluster_type="gpu", rmm_pool_size=None)
+    try:
+        assert len(client.scheduler_info()["workers"]) == torch.cuda.device_count()
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()

@@ -1,0 +1,161 @@
+"""ImageTextPairDataset: reading shards by name, id handling, errors naming files, atomic saves."""
+import os
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nemo_curator.datasets import ImageTextPairDataset
+from nemo_curator.utils.sample_data import make_sample_dataset, make_samples, write_shard
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    make_sample_dataset(tmp_path, n_shards=3, samples_per_shard=4, sizes=[(64, 48)])
+    return tmp_path
+
+
+def test_one_partition_per_shard_paired_by_name(dataset_dir, client):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    assert ds.metadata.npartitions == 3
+    assert [os.path.basename(t) for t in ds.tar_files] == ["00000.tar", "00001.tar", "00002.tar"]
+    parts = ds.metadata.to_delayed()
+    for part, tar in zip(parts, ds.tar_files):
+        frame = part.compute()
+        shard = int(os.path.basename(tar)[:5])
+        assert all(int(k) // 10_000 == shard for k in frame["key"])  # rows of partition i belong to tar i
+
+
+def test_shards_with_gaps_and_odd_names_pair_by_name(tmp_path, client):
+    rng = np.random.default_rng(1)
+    write_shard(tmp_path, "shard-b", make_samples(2, 200, rng, sizes=[(32, 32)]))
+    write_shard(tmp_path, "00007", make_samples(3, 700, rng, sizes=[(32, 32)]))
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")
+    sizes = {os.path.basename(t): len(p.compute()) for t, p in zip(ds.tar_files, ds.metadata.to_delayed())}
+    assert sizes == {"00007.tar": 3, "shard-b.tar": 2}
+    ds.save_metadata()
+    assert len(pd.read_parquet(tmp_path / "shard-b.parquet")) == 2
+
+
+def test_ids_are_strings_with_leading_zeros(tmp_path, client):
+    rng = np.random.default_rng(2)
+    write_shard(tmp_path, "00000", make_samples(3, 0, rng, sizes=[(32, 32)]))
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")
+    keys = ds.metadata["key"].compute().tolist()
+    assert keys == ["000000000", "000000001", "000000002"]
+    # integer ids in the parquet are read as their decimal strings
+    frame = pd.read_parquet(tmp_path / "00000.parquet")
+    frame["num"] = np.arange(10, 13)
+    frame.to_parquet(tmp_path / "00000.parquet", index=False)
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="num")
+    assert ds.metadata["num"].compute().tolist() == ["10", "11", "12"]
+
+
+def test_missing_folder_and_no_shards(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path / "nope"), id_col="key")
+    with pytest.raises(FileNotFoundError, match="no shards in"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")
+
+
+def test_unpaired_files_are_named(dataset_dir):
+    os.remove(dataset_dir / "00001.parquet")
+    shutil.copy(dataset_dir / "00002.parquet", dataset_dir / "00009.parquet")
+    with pytest.raises(FileNotFoundError) as err:
+        ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    assert "tar without its parquet" in str(err.value) and "00001.tar" in str(err.value)
+    assert "parquet without its tar" in str(err.value) and "00009.parquet" in str(err.value)
+
+
+def test_absent_id_column_lists_columns(dataset_dir):
+    with pytest.raises(KeyError) as err:
+        ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="sample_id")
+    assert "00000.parquet" in str(err.value) and "'caption'" in str(err.value)
+
+
+def test_duplicate_ids_in_a_shard_name_the_file(dataset_dir, client):
+    frame = pd.read_parquet(dataset_dir / "00001.parquet")
+    frame.loc[1, "key"] = frame.loc[0, "key"]
+    frame.to_parquet(dataset_dir / "00001.parquet", index=False)
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    with pytest.raises(ValueError, match=r"00001.parquet: duplicate ids"):
+        ds.metadata.compute()
+
+
+def test_save_metadata_in_place_with_user_column_and_embeddings(dataset_dir, client):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    ds.metadata["keep"] = ds.metadata.caption.str.len() > 10
+    ds.metadata["image_embedding"] = ds.metadata["key"].map(
+        lambda k: np.full(3, int(k) / 7, dtype=np.float32), meta=("image_embedding", object))
+    ds.save_metadata()
+    for name in ["00000", "00001", "00002"]:
+        table = pq.read_table(dataset_dir / f"{name}.parquet")
+        assert table.schema.field("image_embedding").type == pa.list_(pa.float32())
+        frame = table.to_pandas()
+        for key, emb in zip(frame["key"], frame["image_embedding"]):
+            np.testing.assert_array_equal(emb, np.full(3, int(key) / 7, dtype=np.float32))
+        assert frame["keep"].dtype == bool
+    assert not [p for p in os.listdir(dataset_dir) if p.endswith(".tmp")]
+    again = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    assert again.metadata["keep"].compute().dtype == bool
+
+
+def test_save_metadata_columns_and_other_path(dataset_dir, tmp_path_factory, client):
+    out = tmp_path_factory.mktemp("out")
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    ds.save_metadata(path=str(out), columns=["caption"])
+    frame = pd.read_parquet(out / "00001.parquet")
+    assert list(frame.columns) == ["key", "caption"] and len(frame) == 4
+    with pytest.raises(KeyError, match="not in the metadata"):
+        ds.save_metadata(path=str(out), columns=["nope"])
+
+
+def test_failed_save_leaves_previous_file_intact(dataset_dir, client):
+    before_failing = (dataset_dir / "00001.parquet").read_bytes()
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+
+    def explode(frame):
+        if len(frame) and frame["key"].iloc[0].startswith("00001"):
+            raise RuntimeError("boom")
+        return frame
+
+    ds = ds.with_metadata(ds.metadata.map_partitions(explode, meta=ds.metadata._meta))
+    with pytest.raises(RuntimeError, match="boom"):
+        ds.save_metadata(show_progress=False)
+    # writes already running finish (atomically) after the error: wait for them, then check
+    deadline = time.time() + 10
+    while [p for p in os.listdir(dataset_dir) if p.endswith(".tmp")] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in os.listdir(dataset_dir) if p.endswith(".tmp")]
+    assert (dataset_dir / "00001.parquet").read_bytes() == before_failing
+    assert pq.read_table(dataset_dir / "00000.parquet").num_rows == 4
+
+
+def test_repartitioned_metadata_is_rejected(dataset_dir):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    with pytest.raises(ValueError, match="one partition per shard"):
+        ds.with_metadata(ds.metadata.repartition(npartitions=1))
+
+
+def test_cudf_backend_without_cudf_names_the_extra(dataset_dir):
+    pytest.importorskip("torch")
+    try:
+        import cudf  # noqa: F401
+        pytest.skip("cudf is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"\[gpu\]"):
+        ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key", backend="cudf")
+
+
+@pytest.mark.gpu
+def test_cudf_backend_reads_and_saves(dataset_dir):
+    pytest.importorskip("dask_cudf")
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key", backend="cudf")
+    assert type(ds.metadata.partitions[0].compute()).__module__.startswith("cudf")
+    ds.save_metadata()
+    assert len(pd.read_parquet(dataset_dir / "00000.parquet")) == 4
