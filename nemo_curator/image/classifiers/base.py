@@ -92,7 +92,10 @@ class ImageClassifier(abc.ABC):
                                      lambda: self.load_model(device).to(device).eval().requires_grad_(False))
 
     def postprocess(self, series: pd.Series) -> pd.Series:
-        """Hook applied to each partition's scores (NaN for failed rows) before they are stored; identity."""
+        """Hook on each partition's scores (NaN for failed rows) before they are stored; identity by default.
+
+        Must return a series of the same length and order; it is cast to ``pred_type``.
+        """
         return series
 
     # ------------------------------------------------------------------------------------------
