@@ -69,3 +69,31 @@ def test_unsupported_transforms_are_clear_errors(cfg, match):
     base = timm_data_config(MODEL)
     with pytest.raises(UnsupportedTransformError, match=match):
         TransformSpec.from_data_config({**base, **cfg})
+
+
+def test_exif_orientation_is_applied_unless_disabled(tmp_path):
+    """A JPEG tagged 'rotate 90° CW' (orientation 6) decodes upright by default, as stored with False."""
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image
+
+    path = tmp_path / "rotated.jpg"
+    pixels = np.zeros((40, 100, 3), np.uint8)
+    pixels[:, :50] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+    def decode(adjust):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            encoded, _ = fn.readers.file(files=[str(path)])
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=adjust)
+
+        p = pipe()
+        p.build()
+        return np.asarray(p.run()[0].at(0))
+
+    assert decode(False).shape == (40, 100, 3)
+    upright = decode(True)
+    assert upright.shape == (100, 40, 3)
+    assert upright[:45].mean() > 200 and upright[55:].mean() < 50  # the white half is now on top

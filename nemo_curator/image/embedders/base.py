@@ -164,7 +164,7 @@ class ImageEmbedder(ABC):
             found_ids.extend(item.ids)
 
         out, counts = self._join_by_id(pdf, id_col, found_ids, embeddings, scores, failed)
-        counts[EXTRA_IN_TAR] = counts.get(EXTRA_IN_TAR, 0) + extra
+        counts[EXTRA_IN_TAR] = extra
         seconds = time.time() - started
         stats = {"tar": tar_path, "samples_in": len(pdf), **counts, "embed_seconds": round(seconds, 3),
                  "images_per_second": round(counts["embedded"] / seconds, 2) if seconds > 0 else None}
@@ -179,7 +179,6 @@ class ImageEmbedder(ABC):
     def _join_by_id(self, pdf, id_col, found_ids, embeddings, scores, failed):
         """Place embeddings and scores on the rows with the same id; count row statuses."""
         n = len(pdf)
-        dup_extra = 0
         if len(set(found_ids)) != len(found_ids):
             raise RuntimeError(f"the shard reader yielded duplicate ids {_first_dups(found_ids)}: an embedder must yield each id once")
         row_of_id = pd.Index(found_ids).get_indexer(pdf[id_col].astype(str))  # -1: no embedding
@@ -191,9 +190,10 @@ class ImageEmbedder(ABC):
             emb_col[r] = emb_matrix[row_of_id[r]]
         status = np.full(n, image_status.MISSING_IMAGE, dtype=object)
         status[has] = image_status.OK
-        for r, i in enumerate(pdf[id_col].astype(str)):
-            if i in failed:
-                status[r] = failed[i]
+        if failed:
+            for r, i in enumerate(pdf[id_col].astype(str)):
+                if i in failed:
+                    status[r] = failed[i]
         out = pdf.copy()
         out[self.image_embedding_column] = emb_col
         out[self.status_column] = pd.Series(status, index=pdf.index).astype(pdf[id_col].dtype)
@@ -204,8 +204,7 @@ class ImageEmbedder(ABC):
             out[clf.pred_column] = clf.postprocess(pd.Series(col, index=pdf.index)).astype(np.float32)
         counts = {"embedded": int(has.sum()),
                   image_status.DECODE_FAILED: int((status == image_status.DECODE_FAILED).sum()),
-                  image_status.MISSING_IMAGE: int((status == image_status.MISSING_IMAGE).sum()),
-                  EXTRA_IN_TAR: dup_extra}
+                  image_status.MISSING_IMAGE: int((status == image_status.MISSING_IMAGE).sum())}
         return out, counts
 
 
