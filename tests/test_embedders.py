@@ -88,6 +88,16 @@ def test_embeddings_match_timm_reference_by_id_on_real_photos(tmp_path, client, 
     assert summary["totals"]["embedded"] == len(samples)
 
 
+def test_after_save_the_dataset_reads_saved_results(tmp_path, client, tiny_checkpoint):
+    rng = np.random.default_rng(9)
+    write_shard(tmp_path, "00000", make_samples(3, 0, rng, sizes=[(64, 64)]))
+    ds = embedder(tiny_checkpoint)(ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key"))
+    assert any("embed-shard" in str(k) for k in dict(ds.metadata.__dask_graph__()))
+    ds.save_metadata(show_progress=False)
+    assert not any("embed-shard" in str(k) for k in dict(ds.metadata.__dask_graph__()))
+    assert ds.metadata.image_embedding.compute().map(len).tolist() == [768] * 3
+
+
 def test_bad_images_keep_their_rows(tmp_path, client, tiny_checkpoint):
     rng = np.random.default_rng(1)
     samples = make_samples(9, 0, rng, sizes=[(96, 64)])

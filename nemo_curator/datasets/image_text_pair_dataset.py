@@ -20,9 +20,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nemo_curator.image.status import DECODE_FAILED, MISSING_IMAGE, STATUS_COLUMN
 from nemo_curator.utils.file_utils import write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.progress import compute_with_progress
+from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, fingerprint, identities, make_record,
+                                       remove_stale_temporaries)
 from nemo_curator.utils.webdataset import PARQUET_SUFFIX, TAR_SUFFIX, Shard, find_shards
 
 logger = logging.getLogger(__name__)
@@ -78,20 +81,7 @@ class ImageTextPairDataset:
             gpu_only_import("cudf", "backend='cudf'")
             gpu_only_import("dask_cudf", "backend='cudf'")
         shards = find_shards(path)
-        schema = _union_schema([s.parquet for s in shards], id_col)
-        meta = _empty_frame(schema, id_col)
-        if backend == "cudf":
-            meta = _to_cudf(meta)
-        metadata = dd.from_map(
-            read_shard_metadata,
-            [s.parquet for s in shards],
-            id_col=id_col,
-            columns=list(meta.columns),
-            backend=backend,
-            meta=meta,
-            label="read-shard-metadata",
-            enforce_metadata=False,
-        )
+        metadata = _metadata_from_parquets([s.parquet for s in shards], id_col, backend)
         return cls(path, metadata, [s.tar for s in shards], id_col, lineage=(f"source={os.path.abspath(path)}",))
 
     # ------------------------------------------------------------------------------------------
@@ -124,7 +114,7 @@ class ImageTextPairDataset:
         new_parts, new_stats = [], []
         for i, (part, tar) in enumerate(zip(parts, self.tar_files)):
             token = dask.base.tokenize(name, lineage_step, part.key, tar)
-            result = dask.delayed(func, pure=True, name=f"{name}-{token}")(part, tar)
+            result = dask.delayed(func, pure=True)(part, tar, dask_key_name=f"{name}-{token}")
             if returns_stats:
                 new_parts.append(result[0])
                 previous = self.shard_stats[i]
@@ -135,34 +125,62 @@ class ImageTextPairDataset:
         return self.with_metadata(metadata, lineage_step, new_stats if returns_stats else None)
 
     # ------------------------------------------------------------------------------------------
-    def save_metadata(self, path: str | None = None, columns: Sequence[str] | None = None, show_progress: bool = True) -> dict:
+    def save_metadata(self, path: str | None = None, columns: Sequence[str] | None = None, show_progress: bool = True,
+                      resume: bool = True) -> dict:
         """Compute the metadata and write one parquet per shard, named after its tar.
 
         ``path=None`` rewrites the parquets in place (safely: each file is replaced atomically
         after its new content is complete). ``columns`` selects the columns to write; the id
         column is always written first. Beside each parquet, ``NNNNN.stats.json`` records the
-        shard's row count, per-status counts and timings. Returns the run summary (also written
-        as ``_run_summary.json``).
+        shard's rows, image-status counts, seconds and a completion marker; with ``resume=True``
+        a rerun of the same pipeline skips the shards already written (see
+        ``nemo_curator.utils.resume``) and computes only the others. With ``columns=None`` the
+        dataset then reads its metadata from the written files, so later steps (filters,
+        ``to_webdataset``) do not recompute embeddings. Returns the run summary
+        (also written as ``_run_summary.json``).
         """
-        out_dir = os.fspath(path) if path is not None else self.path
+        out_dir = os.path.abspath(os.fspath(path) if path is not None else self.path)
         self._check_alignment()
         if columns is not None:
             columns = [self.id_col] + [c for c in columns if c != self.id_col]
             missing = [c for c in columns if c not in self.metadata.columns]
             if missing:
                 raise KeyError(f"save_metadata: columns {missing} are not in the metadata; present: {list(self.metadata.columns)}")
+        written = list(columns) if columns is not None else list(self.metadata.columns)
+        job = fingerprint({"operation": "save_metadata", "lineage": list(self.lineage), "id_col": self.id_col,
+                           "columns": written})
         os.makedirs(out_dir, exist_ok=True)
         parts = self.metadata.to_delayed()
-        tasks = []
-        for part, tar, stats in zip(parts, self.tar_files, self.shard_stats):
-            name = os.path.basename(tar)[: -len(TAR_SUFFIX)]
-            shard = Shard.in_folder(out_dir, name)
-            tasks.append(dask.delayed(_write_shard_metadata, pure=False)(part, shard.parquet, columns, self.id_col, stats))
+        results: list[dict | None] = [None] * len(parts)
+        tasks, todo = [], []
+        for i, (part, tar, stats) in enumerate(zip(parts, self.tar_files, self.shard_stats)):
+            shard = Shard.in_folder(out_dir, os.path.basename(tar)[: -len(TAR_SUFFIX)])
+            inputs = identities([os.path.abspath(tar), os.path.abspath(tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX)])
+            stats_path = shard.parquet[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX
+            done = completed_stats(stats_path, job, inputs) if resume else None
+            if done is not None:
+                results[i] = done
+                continue
+            remove_stale_temporaries(out_dir, [os.path.basename(shard.parquet), os.path.basename(stats_path)])
+            tasks.append(dask.delayed(_write_shard_metadata, pure=False)(part, shard.parquet, columns, self.id_col, stats,
+                                                                          job=job, inputs=inputs))
+            todo.append(i)
+        if len(todo) < len(parts):
+            logger.info("save_metadata: %d of %d shards already written by this pipeline, skipped", len(parts) - len(todo), len(parts))
         started = time.time()
-        results = compute_with_progress(tasks, desc="save_metadata")
-        summary = summarize_stats(results, seconds=time.time() - started)
+        for i, result in zip(todo, compute_with_progress(tasks, desc="save_metadata", show=show_progress)):
+            results[i] = result
+        summary = summarize_stats(results, seconds=time.time() - started, skipped=len(parts) - len(todo),
+                                  operation="save_metadata", path=out_dir)
         write_json_atomic(summary, os.path.join(out_dir, RUN_SUMMARY_NAME))
         logger.info("save_metadata: %s", {k: v for k, v in summary.items() if k != "shards"})
+        if columns is None:
+            # From now on the dataset reads what was just written: later steps (filtering,
+            # to_webdataset) do not recompute the embeddings.
+            backend = "pandas" if isinstance(self.metadata._meta, pd.DataFrame) else "cudf"
+            parquets = [os.path.join(out_dir, os.path.basename(t)[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX) for t in self.tar_files]
+            self.metadata = _metadata_from_parquets(parquets, self.id_col, backend)
+            self.shard_stats = [None] * len(self.tar_files)
         return summary
 
     def to_webdataset(self, path: str, filter_column: str, samples_per_shard: int = 10000, max_shards: int = 5,
@@ -190,6 +208,23 @@ class ImageTextPairDataset:
 
 # ----------------------------------------------------------------------------------------------
 # Reading
+def _metadata_from_parquets(parquet_paths: Sequence[str], id_col: str, backend: str = "pandas") -> dd.DataFrame:
+    """A lazy Dask DataFrame with one partition per parquet, columns = the union of their schemas."""
+    meta = _empty_frame(_union_schema(parquet_paths, id_col), id_col)
+    if backend == "cudf":
+        meta = _to_cudf(meta)
+    return dd.from_map(
+        read_shard_metadata,
+        list(parquet_paths),
+        id_col=id_col,
+        columns=list(meta.columns),
+        backend=backend,
+        meta=meta,
+        label="read-shard-metadata",
+        enforce_metadata=False,
+    )
+
+
 def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
     """Union of the parquet schemas (footers read in parallel); the id column typed as string.
 
@@ -284,17 +319,29 @@ def _holds_float_arrays(col: pd.Series) -> bool:
     return False
 
 
-def _write_shard_metadata(frame, parquet_path: str, columns, id_col: str, stats: dict | None) -> dict:
-    """Write one shard's metadata atomically plus its stats file; return the stats dict."""
+def _write_shard_metadata(frame, parquet_path: str, columns, id_col: str, stats: dict | None,
+                          job: str | None = None, inputs: dict | None = None) -> dict:
+    """Write one shard's metadata atomically, then its stats file (the completion marker when
+    ``job`` is given: see ``nemo_curator.utils.resume``); return the stats dict."""
     started = time.time()
     if columns is not None:
         frame = frame[list(columns)]
     write_parquet_atomic(partition_to_arrow(frame), parquet_path)
     shard_stats = dict(stats or {})
     shard_stats.update(shard=os.path.basename(parquet_path)[: -len(PARQUET_SUFFIX)], rows=int(len(frame)),
-                       write_seconds=round(time.time() - started, 4))
+                       **status_counts(frame), write_seconds=round(time.time() - started, 4))
+    if job is not None:
+        shard_stats[RESUME_KEY] = make_record(job, inputs or {}, [parquet_path])
     write_json_atomic(shard_stats, parquet_path[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX)
     return shard_stats
+
+
+def status_counts(frame) -> dict[str, int]:
+    """``{"decode_failed": n, "missing_image": n}`` from the ``image_status`` column ({} without it)."""
+    if STATUS_COLUMN not in frame.columns:
+        return {}
+    status = frame[STATUS_COLUMN]
+    return {s: int((status == s).sum()) for s in (DECODE_FAILED, MISSING_IMAGE)}
 
 
 def _merge_stats(previous: dict | None, new: dict | None) -> dict:
@@ -307,12 +354,19 @@ def _merge_stats(previous: dict | None, new: dict | None) -> dict:
     return merged
 
 
-def summarize_stats(shard_stats: Sequence[dict], seconds: float) -> dict:
-    """Sum the numeric per-shard counters into one run summary (shards listed under ``shards``)."""
+def summarize_stats(shard_stats: Sequence[dict], seconds: float, skipped: int = 0, **extra) -> dict:
+    """The run summary: numeric per-shard counters summed under ``totals`` (rates ``*_per_second``,
+    strings and resume records left out), ``shards_written`` (computed now), ``shards_skipped``
+    (already complete, their stored stats included) and each shard's stats under ``shards``.
+    ``extra`` keys are added as they are; ``seconds`` is this run's wall time.
+    """
     totals: dict[str, float] = {}
     for stats in shard_stats:
         for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_per_second"):
                 totals[key] = totals.get(key, 0) + value
-    return {"shards_written": len(shard_stats), "seconds": round(seconds, 3), "totals": totals,
-            "shards": list(shard_stats)}
+    for key in [k for k in totals if k.endswith("seconds")]:
+        totals[key] = round(totals[key], 4)
+    return {**extra, "shards_total": len(shard_stats), "shards_written": len(shard_stats) - skipped,
+            "shards_skipped": skipped, "seconds": round(seconds, 3), "totals": totals,
+            "shards": [{k: v for k, v in stats.items() if k != RESUME_KEY} for stats in shard_stats]}

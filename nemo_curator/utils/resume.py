@@ -1,0 +1,102 @@
+"""Resume after a crash: the one place that knows completion markers and fingerprints.
+
+A shard's output is complete when its stats file (``NNNNN.stats.json``, written atomically and
+LAST, after the shard's tar/parquet/idx) holds a ``resume`` record that matches the current job::
+
+    "resume": {"version": 1,
+               "job": "<sha256 of what produced it: operation, lineage, columns, layout parameters>",
+               "inputs":  {"/abs/in/00003.tar": {"size": 123, "mtime_ns": 1700000000000000000}, ...},
+               "outputs": {"/abs/out/00003.parquet": {"size": 456, "mtime_ns": ...}, ...}}
+
+A rerun skips the shard when the job hash is equal, every output still has the recorded size and
+modification time, and every input is unchanged (same size and mtime), or, for an input that is
+also an output (``save_metadata()`` in place), is exactly the output this job wrote. Anything
+else (another pipeline, a touched input, a missing or edited output) redoes the shard.
+File identity is (size, mtime_ns): cheap (one ``stat`` per file) and enough for files that are
+only ever replaced whole, as every file written here is.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+MARKER_VERSION = 1
+RESUME_KEY = "resume"
+
+
+def fingerprint(obj: Any) -> str:
+    """Hex sha256 of ``obj`` serialised as canonical JSON (sorted keys; tuples as lists)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_identity(path: str | os.PathLike) -> dict | None:
+    """``{"size": bytes, "mtime_ns": int}`` of a file, or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def identities(paths: Iterable[str]) -> dict[str, dict | None]:
+    """``{path: file_identity(path)}`` for each path."""
+    return {os.fspath(p): file_identity(p) for p in paths}
+
+
+def make_record(job: str, inputs: Mapping[str, dict | None], outputs: Iterable[str]) -> dict:
+    """The ``resume`` record for a shard whose ``outputs`` were just written (call it on the worker,
+    after the outputs and before the stats file). ``inputs``: identities taken before the work."""
+    return {"version": MARKER_VERSION, "job": job, "inputs": dict(inputs), "outputs": identities(outputs)}
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when it is absent or unreadable."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def completed_stats(stats_path: str | os.PathLike, job: str, inputs: Mapping[str, dict | None]) -> dict | None:
+    """The stored stats of a shard that this job already completed, or None when it must be (re)done.
+
+    ``inputs``: the identities of the shard's inputs now (``identities(...)``).
+    """
+    stats = read_json(stats_path)
+    record = (stats or {}).get(RESUME_KEY)
+    if not isinstance(record, dict) or record.get("version") != MARKER_VERSION or record.get("job") != job:
+        return None
+    outputs = record.get("outputs") or {}
+    if not outputs or any(file_identity(path) != ident for path, ident in outputs.items()):
+        return None
+    recorded_inputs = record.get("inputs") or {}
+    for path, now in inputs.items():
+        if now != recorded_inputs.get(path) and not (path in outputs and now == outputs[path]):
+            return None
+    return stats
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, file_names: Iterable[str]) -> int:
+    """Remove temporaries a killed run left for ``file_names`` in ``folder``; return how many.
+
+    ``atomic_write`` (nemo_curator.utils.file_utils) writes ``<folder>/.<name>.<random>.tmp``
+    before renaming; a SIGKILL leaves them behind (hidden, never mistaken for a complete file).
+    """
+    wanted = set(file_names)
+    pattern = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            match = pattern.match(entry.name)
+            if match and match.group("name") in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
