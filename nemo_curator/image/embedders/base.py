@@ -172,8 +172,10 @@ class ImageEmbedder(ABC):
             stats["first_error"] = first_error[:500]
         level = logging.WARNING if counts["decode_failed"] or counts["missing_image"] or counts[EXTRA_IN_TAR] else logging.INFO
         logger.log(level, "embedded %s: %s", os.path.basename(tar_path), {k: v for k, v in stats.items() if k != "first_error"})
-        if not is_pandas:
-            out = type(frame).from_pandas(out)
+        if not is_pandas:  # cuDF: go through Arrow so that embeddings become a list<float32> column
+            from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
+
+            out = type(frame).from_arrow(partition_to_arrow(out))
         return out, stats
 
     def _join_by_id(self, pdf, id_col, found_ids, embeddings, scores, failed):
