@@ -1,0 +1,31 @@
+"""The walkthrough notebook runs top to bottom in smoke mode (tiny random model and heads, offline),
+on the session's LocalCluster (through DASK_SCHEDULER_ADDRESS, the variable Dask itself reads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "curation_walkthrough.ipynb"
+
+
+def test_walkthrough_notebook_executes_in_smoke_mode(client, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("NEMO_CURATOR_SMOKE", "1")
+    monkeypatch.setenv("NEMO_CURATOR_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", client.scheduler.address)
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "SMOKE MODE" in text and "samples in" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the histograms and the grid of kept and dropped images
+    work = tmp_path / "work"
+    assert (work / "report" / "report.png").is_file() and (work / "kept_and_dropped.png").is_file()
+    assert sorted(p.name for p in (work / "curated").glob("*.tar"))
