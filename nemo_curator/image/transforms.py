@@ -91,7 +91,15 @@ def _round_half_even_div2(d):
 
 
 def dali_preprocess(images, spec: TransformSpec):
-    """DALI graph: decoded HWC uint8 RGB images -> CHW float32 ``crop_size``² normalised tensors."""
+    """DALI graph: decoded HWC uint8 RGB images -> CHW float32 ``crop_size``² normalised tensors.
+
+    When the resized picture covers the crop (``scale_size >= crop_size``, every timm default),
+    only the part that the centre crop keeps is resampled: ``fn.resize`` with a region of
+    interest whose bounds are the crop's, mapped back to input pixels. The output pixels are the
+    same ones (the resampling coordinates agree up to float rounding: now and then a value one
+    uint8 step apart) for about 10 % less work on 4:3 photos. Otherwise (the crop pads) the whole
+    picture is resized and then cropped with zero padding, as torchvision does.
+    """
     from nvidia.dali import fn, types
 
     shape = fn.cast(images.shape(), dtype=types.INT64)
@@ -100,6 +108,28 @@ def dali_preprocess(images, spec: TransformSpec):
     width_is_short = fn.cast(width <= height, dtype=types.INT64)
     new_w = width_is_short * s + (1 - width_is_short) * ((s * width) // height)
     new_h = (1 - width_is_short) * s + width_is_short * ((s * height) // width)
+    c = spec.crop_size
+    top = _round_half_even_div2(new_h - c)
+    left = _round_half_even_div2(new_w - c)
+    normalize = dict(dtype=types.FLOAT, output_layout="CHW", mean=[m * 255.0 for m in spec.mean],
+                     std=[v * 255.0 for v in spec.std])
+    if s >= c:
+        def as_float(x):
+            return fn.cast(x, dtype=types.FLOAT)
+
+        # input pixels per output pixel along each axis, and the crop's bounds in input pixels
+        step_y, step_x = as_float(height) / as_float(new_h), as_float(width) / as_float(new_w)
+        y0, x0 = as_float(top) * step_y, as_float(left) * step_x
+        cropped = fn.resize(
+            images,
+            size=[c, c],
+            roi_start=fn.stack(y0, x0),
+            roi_end=fn.stack(y0 + c * step_y, x0 + c * step_x),
+            roi_relative=False,
+            interp_type=_interp_type(spec.interpolation),
+            antialias=True,
+        )
+        return fn.crop_mirror_normalize(cropped, **normalize)
     resized = fn.resize(
         images,
         resize_x=fn.cast(new_w, dtype=types.FLOAT),
@@ -107,9 +137,6 @@ def dali_preprocess(images, spec: TransformSpec):
         interp_type=_interp_type(spec.interpolation),
         antialias=True,
     )
-    c = spec.crop_size
-    top = _round_half_even_div2(new_h - c)
-    left = _round_half_even_div2(new_w - c)
     cropped = fn.slice(
         resized,
         start=fn.cast(fn.stack(top, left), dtype=types.INT32),
@@ -117,10 +144,4 @@ def dali_preprocess(images, spec: TransformSpec):
         axis_names="HW",
         out_of_bounds_policy="pad",
     )
-    return fn.crop_mirror_normalize(
-        cropped,
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        mean=[m * 255.0 for m in spec.mean],
-        std=[v * 255.0 for v in spec.std],
-    )
+    return fn.crop_mirror_normalize(cropped, **normalize)

@@ -16,6 +16,7 @@ from nemo_curator.utils.webdataset import (
 logger = logging.getLogger(__name__)
 
 _DALI_EXT = "img"  # every image member is listed under this extension in the index we give DALI
+_PREFETCH_DEPTH = 2  # DALI iterations in flight ahead of the batch being read (DALI's default)
 
 
 class TimmImageEmbedder(ImageEmbedder):
@@ -37,6 +38,10 @@ class TimmImageEmbedder(ImageEmbedder):
         model_kwargs: extra ``timm.create_model`` arguments (part of the cache key).
         adjust_orientation: apply EXIF orientation when decoding (timm's PIL path does not).
         device: "auto" (GPU when the worker has one), "cpu" or "cuda".
+
+    On CPU, loading the model also tunes glibc's malloc of the worker process for inference (see
+    ``keep_freed_memory_for_reuse``), and ``autocast=False`` is much faster on CPUs without native
+    bf16 (no AVX512-BF16/AMX; see docs/benchmarks.md).
     """
 
     def __init__(
@@ -120,6 +125,8 @@ class TimmImageEmbedder(ImageEmbedder):
         device_type = "cuda" if device.startswith("cuda") else "cpu"
         if device_type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+        else:
+            keep_freed_memory_for_reuse()
 
         def embed(batch):
             if device_type == "cuda":
@@ -217,16 +224,40 @@ class _DaliShardReader:
                 start += done + failure.batch_len
 
     def _run(self, samples, batch_size: int):
-        """Yield (ids, batch) for ``samples`` in order; raise _BatchFailed on a DALI error."""
+        """Yield (ids, batch) for ``samples`` in order; raise _BatchFailed on a DALI error.
+
+        Whole batches come from one pipeline and a last partial batch from a second one of
+        exactly its size: DALI's reader pads a partial batch with copies of its last sample, and
+        every copy would be decoded and preprocessed for nothing.
+        """
+        bs = min(batch_size, len(samples))
+        whole = len(samples) // bs * bs
+        yield from self._run_pipeline(samples[:whole], bs)
+        if whole < len(samples):
+            yield from self._run_pipeline(samples[whole:], len(samples) - whole)
+
+    def _run_pipeline(self, samples, bs: int):
+        """Run one pipeline over ``samples``, a whole number of batches of ``bs``.
+
+        Iterations are scheduled by hand, ``_PREFETCH_DEPTH`` ahead of the one being read and
+        never past the last batch: ``pipe.run()`` would start one iteration more than it returns,
+        decoding a batch that nobody reads (and that the pipeline's teardown waits for).
+        """
         import torch
 
-        bs = min(batch_size, len(samples))
-        pipe = self._build(samples, bs, exact=bs == 1)
-        n_batches = -(-len(samples) // bs)
+        n_batches = len(samples) // bs
+        exact = bs == 1
+        depth = 1 if exact else max(1, min(_PREFETCH_DEPTH, n_batches))
+        pipe = self._build(samples, bs, exact=exact, depth=depth)
+        scheduled = 0  # iterations started; the first schedule_run() starts `depth` of them
+        since_trim = 0
         for b in range(n_batches):
             want = samples[b * bs: (b + 1) * bs]
             try:
-                images, encoded = pipe.run()
+                if scheduled < min(b + depth, n_batches):
+                    pipe.schedule_run()
+                    scheduled = depth if scheduled == 0 else scheduled + 1
+                images, encoded = pipe.outputs()
             except RuntimeError as err:
                 del pipe
                 raise _BatchFailed(len(want), _short_error(err)) from None
@@ -236,8 +267,12 @@ class _DaliShardReader:
             if got != expected:
                 raise RuntimeError(f"DALI returned samples {got[:3]}... where {expected[:3]}... were expected in {self.tar_path}")
             yield expected, _to_torch(images, len(want), self.device, torch)
+            since_trim += len(want)
+            if since_trim >= _TRIM_EVERY_IMAGES:
+                trim_heap()
+                since_trim = 0
 
-    def _build(self, samples, batch_size: int, exact: bool):
+    def _build(self, samples, batch_size: int, exact: bool, depth: int = 2):
         from nvidia.dali import fn, pipeline_def, types
 
         self._segment += 1
@@ -247,12 +282,16 @@ class _DaliShardReader:
             f.writelines(f"{_DALI_EXT} {m.offset_data} {m.size} {m.name}\n" for _, m in samples)
         embedder = self.embedder
         gpu = self.device_id is not None
-        extra = {"exec_async": False, "exec_pipelined": False, "prefetch_queue_depth": 1} if exact else {}
+        extra = ({"exec_async": False, "exec_pipelined": False, "prefetch_queue_depth": 1} if exact
+                 else {"prefetch_queue_depth": depth})
 
         @pipeline_def(batch_size=batch_size, num_threads=embedder.num_threads_per_worker, device_id=self.device_id, **extra)
         def pipeline():
+            # dont_use_mmap: a mapped tar's pages count in the worker's RSS (Dask's memory monitor
+            # reads it) and grow with the shard; reading costs no measurable time here
             encoded = fn.readers.webdataset(paths=[self.tar_path], index_paths=[idx_path], ext=[_DALI_EXT],
-                                            missing_component_behavior="error", pad_last_batch=True, name="reader")
+                                            missing_component_behavior="error", pad_last_batch=True, name="reader",
+                                            dont_use_mmap=True)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                        adjust_orientation=embedder.adjust_orientation)
             return dali_preprocess(images, embedder.transform), encoded
@@ -260,6 +299,46 @@ class _DaliShardReader:
         pipe = pipeline()
         pipe.build()
         return pipe
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Tune glibc's malloc in this process for CPU inference; return whether it was changed.
+
+    Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``. Like any explicit
+    malloc setting, that also freezes the mmap threshold at 128 KiB, so each activation tensor of
+    a CPU forward pass (MBs, allocated and freed every batch) becomes a fresh ``mmap``: page
+    faults and zeroing on every batch, +70 % CPU per image for the tiny CLIP model on 2 cores
+    (docs/benchmarks.md). Allocations up to 32 MiB are served from the heap again and up to
+    64 MiB of freed heap is kept for the next batch; the shard reader calls ``trim_heap`` every
+    ``_TRIM_EVERY_IMAGES`` images so that the heap does not grow with the shard (the
+    embeddings kept between batches fragment it). Skipped where ``MALLOC_MMAP_THRESHOLD_`` is set
+    (the user chose) or the C library is not glibc. Called when a CPU model is loaded.
+    """
+    global _LIBC
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 64 << 20):
+            _LIBC = libc
+            return True
+    except (OSError, AttributeError):
+        pass
+    return False
+
+
+def trim_heap() -> None:
+    """Give the free pages of the heap back to the OS (``malloc_trim``) where
+    ``keep_freed_memory_for_reuse`` tuned malloc in this process; else nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None  # glibc, once keep_freed_memory_for_reuse has tuned it in this process
+_TRIM_EVERY_IMAGES = 512
 
 
 class _BatchFailed(Exception):
