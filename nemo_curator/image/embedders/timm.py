@@ -19,6 +19,20 @@ _DALI_EXT = "img"  # every image member is listed under this extension in the in
 _PREFETCH_DEPTH = 2  # DALI iterations in flight ahead of the batch being read (DALI's default)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it, bf16 autocast on the CPU is emulated and much slower than fp32: ViT-L/14 on 2 AVX2
+    cores ran at 0.13 img/s with autocast against 0.99 img/s in fp32.
+    """
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume the common case, no bf16 hardware
+        return False
+
+
 class TimmImageEmbedder(ImageEmbedder):
     """Embed images with a timm model; DALI decodes and preprocesses (GPU "mixed", or CPU).
 
@@ -30,7 +44,9 @@ class TimmImageEmbedder(ImageEmbedder):
         image_embedding_column: output column of float32 arrays (D values each).
         normalize_embeddings: L2-normalise each embedding (the heads expect it).
         classifiers: ``ImageClassifier`` heads, run on the embeddings on the same device.
-        autocast: bf16 autocast on GPU and on CPU (where it is faster than fp32).
+        autocast: bf16 autocast where the hardware computes bf16 natively: always on a GPU, on a CPU
+            only with AVX512-BF16 or AMX (decided on each worker; emulated bf16 is several times
+            slower than fp32). False: fp32 everywhere.
         use_index_files: read ``NNNNN.idx`` beside each tar instead of scanning the tar's headers;
             a missing index file is an error.
         image_extensions: member extensions taken as the image, in order of preference.
@@ -100,6 +116,12 @@ class TimmImageEmbedder(ImageEmbedder):
         return super().worker_device() if self.device == "auto" else self.device
 
     # -- model -------------------------------------------------------------------------------------
+    def uses_bf16(self, device: str) -> bool:
+        """Whether the model runs under bf16 autocast on ``device`` (see ``autocast``)."""
+        if not self.autocast:
+            return False
+        return device.startswith("cuda") or cpu_has_fast_bf16()
+
     def load_embedding_model(self, device: str):
         """Build the timm model on ``device`` in eval mode; return ``batch (N,3,H,W) -> (N,D) float``."""
         import timm
@@ -121,7 +143,7 @@ class TimmImageEmbedder(ImageEmbedder):
                 f"and set HF_HUB_OFFLINE=1 on every worker"
             ) from err
         model = model.eval().to(device)
-        use_autocast = self.autocast
+        use_autocast = self.uses_bf16(device)
         device_type = "cuda" if device.startswith("cuda") else "cpu"
         if device_type == "cuda":
             model = model.to(memory_format=torch.channels_last)
