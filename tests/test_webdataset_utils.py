@@ -51,3 +51,35 @@ def test_broken_index_and_tar_name_the_file(tmp_path):
     broken.write_bytes(b"not a tar" * 100)
     with pytest.raises(tarfile.ReadError, match="broken.tar"):
         list(iter_tar_samples(broken))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_scan_agrees_with_tarfile(tmp_path, fmt):
+    """The raw-header scanner gives tarfile's names, offsets and sizes (long names, dirs, links)."""
+    from nemo_curator.utils.webdataset import _scan_tar_headers, _scan_with_tarfile
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("subdir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        long_dir = "d" * 90 + "/" if fmt != tarfile.USTAR_FORMAT else "dd/"
+        for i, size in enumerate([0, 1, 511, 512, 513, 5000]):
+            for ext in ("jpg", "json"):
+                info = tarfile.TarInfo(f"{long_dir}{'k' * (60 if fmt != tarfile.USTAR_FORMAT else 8)}{i:03d}.{ext}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes([i]) * size))
+        link = tarfile.TarInfo("subdir/link.jpg")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "x"
+        tar.addfile(link)
+    fast = list(_scan_tar_headers(path))
+    assert fast == list(_scan_with_tarfile(path))
+    assert len(fast) == 12
+
+
+def test_fixture_shard_scans_the_same_both_ways(shared_dir):
+    from nemo_curator.utils.webdataset import _scan_tar_headers, _scan_with_tarfile
+
+    tar = shared_dir / "sample_images" / "nemo_fixture" / "00000.tar"
+    assert list(_scan_tar_headers(tar)) == list(_scan_with_tarfile(tar))
