@@ -302,13 +302,23 @@ def partition_to_arrow(frame) -> pa.Table:
     for name in frame.columns:
         col = frame[name]
         if col.dtype == object and _holds_float_arrays(col):
-            values = [None if v is None or (isinstance(v, float) and np.isnan(v)) else np.asarray(v, dtype=np.float32)
-                      for v in col]
-            arrays.append(pa.array(values, type=pa.list_(pa.float32())))
+            arrays.append(_float_list_array(col))
         else:
             arrays.append(pa.Array.from_pandas(col))
         names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def _float_list_array(col: pd.Series) -> pa.ListArray:
+    """Object column of float arrays (or None/NaN) -> list<float32>, with one copy of the values."""
+    present = [not (v is None or (isinstance(v, float) and np.isnan(v))) for v in col]
+    rows = [np.asarray(v, dtype=np.float32).reshape(-1) for v, p in zip(col, present) if p]
+    lengths = np.zeros(len(col), dtype=np.int32)
+    lengths[np.flatnonzero(present)] = [len(r) for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+    values = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    mask = pa.array(~np.asarray(present, dtype=bool))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
 
 
 def _holds_float_arrays(col: pd.Series) -> bool:
