@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from nemo_curator.datasets import ImageTextPairDataset
-from nemo_curator.utils.resume import completed_stats, fingerprint, identities, make_record, remove_stale_temporaries
+from nemo_curator.utils.file_utils import remove_stale_temporaries
+from nemo_curator.utils.resume import completed_stats, fingerprint, identities, make_record
 from nemo_curator.utils.sample_data import make_sample_dataset
 
 N_SHARDS = 6

@@ -21,11 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nemo_curator.image.status import DECODE_FAILED, MISSING_IMAGE, STATUS_COLUMN
-from nemo_curator.utils.file_utils import write_json_atomic, write_parquet_atomic
+from nemo_curator.utils.file_utils import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.progress import compute_with_progress
-from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, fingerprint, identities, make_record,
-                                       remove_stale_temporaries)
+from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, fingerprint, identities, make_record)
 from nemo_curator.utils.webdataset import PARQUET_SUFFIX, TAR_SUFFIX, Shard, find_shards
 
 logger = logging.getLogger(__name__)

@@ -37,10 +37,10 @@ import pandas as pd
 
 from nemo_curator.datasets.image_text_pair_dataset import (RUN_SUMMARY_NAME, STATS_SUFFIX, partition_to_arrow,
                                                            status_counts, summarize_stats)
-from nemo_curator.utils.file_utils import atomic_write, write_json_atomic, write_parquet_atomic
+from nemo_curator.utils.file_utils import atomic_write, remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.progress import compute_with_progress
 from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, file_identity, fingerprint, identities, make_record,
-                                       read_json, remove_stale_temporaries)
+                                       read_json)
 from nemo_curator.utils.webdataset import (PARQUET_SUFFIX, TAR_SUFFIX, Shard, TarMember, TarWriter,
                                            iter_tar_samples, read_member_bytes, shard_name)
 

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+# atomic_write's temporaries: ``<folder>/.<final name>.<random>.tmp`` (hidden, never the final name)
+_TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 
 @contextlib.contextmanager
@@ -22,7 +28,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -46,3 +52,18 @@ def write_json_atomic(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, file_names: Iterable[str]) -> int:
+    """Remove the temporaries of ``atomic_write`` that a killed run left for ``file_names`` in
+    ``folder`` (hidden, never mistaken for a complete file); return how many."""
+    wanted = set(file_names)
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            match = _TMP_NAME.match(entry.name)
+            if match and match.group("name") in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed

@@ -17,11 +17,9 @@ only ever replaced whole, as every file written here is.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
 from typing import Any, Iterable, Mapping
 
 MARKER_VERSION = 1
@@ -81,22 +79,3 @@ def completed_stats(stats_path: str | os.PathLike, job: str, inputs: Mapping[str
         if now != recorded_inputs.get(path) and not (path in outputs and now == outputs[path]):
             return None
     return stats
-
-
-def remove_stale_temporaries(folder: str | os.PathLike, file_names: Iterable[str]) -> int:
-    """Remove temporaries a killed run left for ``file_names`` in ``folder``; return how many.
-
-    ``atomic_write`` (nemo_curator.utils.file_utils) writes ``<folder>/.<name>.<random>.tmp``
-    before renaming; a SIGKILL leaves them behind (hidden, never mistaken for a complete file).
-    """
-    wanted = set(file_names)
-    pattern = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
-    removed = 0
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            match = pattern.match(entry.name)
-            if match and match.group("name") in wanted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
