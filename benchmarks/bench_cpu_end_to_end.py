@@ -194,18 +194,7 @@ class Runner:
             old_threads = torch.get_num_threads()
             torch.set_num_threads(torch_threads)
             c0 = cpu_seconds()
-            n = 0
-            with torch.inference_mode():
-                for tar in tars or self.tars:
-                    for item in embedder.iter_shard(tar, None, "__key__", "cpu"):
-                        if item.batch is None:
-                            continue
-                        if model is not None:
-                            emb = embedder.normalize(model(item.batch)).float()
-                            for clf, head in heads:
-                                clf.score_tensor(head, emb).numpy()
-                            emb.numpy()
-                        n += item.batch.shape[0]
+            n = common.embed_shards(embedder, tars or self.tars, "cpu", model, heads)
             cpu = cpu_seconds() - c0
             torch.set_num_threads(old_threads)
             return {"images": n, "cpu_s": cpu}
@@ -217,13 +206,7 @@ def measure(cases: dict, runner: Runner, repeats: int) -> dict:
     for name, fn in cases.items():
         log(f"  warm-up {name}")
         fn(tars=runner.tars[:1])
-    res = interleave(cases, repeats=repeats, warmup=False)
-    out = {}
-    for name, r in res.items():
-        n = r["info"]["images"]
-        out[name] = {"images": n, "rate": rate(n, r["seconds"]), "seconds": r["seconds"],
-                     "cpu_ms_per_image": 1000 * r["info"]["cpu_s"] / n}
-    return out
+    return common.summarize_runs(interleave(cases, repeats=repeats, warmup=False))
 
 
 def dataset_for(quick: bool):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from common import (MODEL_NAME, SIZES, TINY_MODEL_KWARGS, cpu_seconds, fmt_rate, interleave, load_average, log,  # noqa: E402
-                    md_table, peer_loader, photo_dataset, rate, tars_of, timm_eval_transform)
+                    md_table, peer_loader, photo_dataset, tars_of, timm_eval_transform)
 
 BATCH = 32
 
@@ -81,13 +81,7 @@ def measure(cases: dict, tars, repeats: int) -> dict:
     for name, fn in cases.items():
         log(f"  warm-up {name}")
         fn(tars=tars[:1])
-    res = interleave({k: with_cpu(v) for k, v in cases.items()}, repeats=repeats, warmup=False)
-    out = {}
-    for name, r in res.items():
-        n = r["info"]["images"]
-        out[name] = {"images": n, "rate": rate(n, r["seconds"]), "seconds": r["seconds"],
-                     "cpu_ms_per_image": 1000 * r["info"]["cpu_s"] / n}
-    return out
+    return common.summarize_runs(interleave({k: with_cpu(v) for k, v in cases.items()}, repeats=repeats, warmup=False))
 
 
 def main(argv=None):

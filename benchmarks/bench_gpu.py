@@ -73,22 +73,10 @@ def model_only(embedder, device, batch_size, seconds=10.0) -> dict:
 
 
 def reader_loop(embedder, device, tars, with_model: bool) -> dict:
-    import torch
-
     embed = embedder.get_model(device) if with_model else None
     heads = [(clf, clf.get_model(device)) for clf in embedder.classifiers] if with_model else []
-    n, t0 = 0, time.perf_counter()
-    with torch.inference_mode():
-        for tar in tars:
-            for item in embedder.iter_shard(tar, None, "__key__", device):
-                if item.batch is None:
-                    continue
-                if embed is not None:
-                    emb = embedder.normalize(embed(item.batch)).float()
-                    for clf, head in heads:
-                        clf.score_tensor(head, emb).cpu()
-                    emb.cpu()
-                n += item.batch.shape[0]
+    t0 = time.perf_counter()
+    n = common.embed_shards(embedder, tars, device, embed, heads)
     sync(device)
     return {"images": n, "seconds": time.perf_counter() - t0}
 

@@ -392,3 +392,34 @@ def stop_rss_sampler() -> float:
     state = _SAMPLERS.pop("current")
     state["stop"].set()
     return max(state["peak"], psutil.Process().memory_info().rss) / 2**20
+
+
+def embed_shards(embedder, tars: Sequence[str], device: str, model=None, heads: Sequence = ()) -> int:
+    """Our reader over ``tars`` (no Dask, no join, no write), optionally + model + heads; returns images read.
+
+    ``model``: ``embedder.get_model(device)`` or None for decode only; ``heads``: (classifier, head) pairs.
+    Results are moved to the host (``.cpu()``) so GPU work is finished when this returns.
+    """
+    n = 0
+    with torch.inference_mode():
+        for tar in tars:
+            for item in embedder.iter_shard(tar, None, "__key__", device):
+                if item.batch is None:
+                    continue
+                if model is not None:
+                    emb = embedder.normalize(model(item.batch)).float()
+                    for clf, head in heads:
+                        clf.score_tensor(head, emb).cpu()
+                    emb.cpu()
+                n += item.batch.shape[0]
+    return n
+
+
+def summarize_runs(results: dict) -> dict:
+    """``interleave`` results (each run's info holding ``images`` and ``cpu_s``) -> rate and CPU ms per image."""
+    out = {}
+    for name, r in results.items():
+        n = r["info"]["images"]
+        out[name] = {"images": n, "rate": rate(n, r["seconds"]), "seconds": r["seconds"],
+                     "cpu_ms_per_image": 1000 * r["info"]["cpu_s"] / n}
+    return out
