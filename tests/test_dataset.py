@@ -159,3 +159,36 @@ def test_cudf_backend_reads_and_saves(dataset_dir):
     assert type(ds.metadata.partitions[0].compute()).__module__.startswith("cudf")
     ds.save_metadata()
     assert len(pd.read_parquet(dataset_dir / "00000.parquet")) == 4
+
+
+def test_embedding_rows_of_one_matrix_reach_arrow_without_a_copy():
+    from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
+
+    matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
+    rows = [matrix[0], None, matrix[2], matrix[3]]
+    table = partition_to_arrow(pd.DataFrame({"key": list("abcd"), "emb": rows}))
+    column = table.column("emb").chunk(0)
+    assert column.values.buffers()[1].address == matrix.ctypes.data  # the matrix itself
+    assert column.to_pylist() == [[0, 1, 2], None, [6, 7, 8], [9, 10, 11]]
+    shuffled = partition_to_arrow(pd.DataFrame({"emb": [matrix[3], matrix[0], None, [1.5, 2.5]]}))
+    assert shuffled.column("emb").to_pylist() == [[9, 10, 11], [0, 1, 2], None, [1.5, 2.5]]
+
+
+def test_parquet_of_embeddings_in_bounded_row_groups_without_dictionary(tmp_path):
+    from nemo_curator.utils.file_utils import ROW_GROUP_BYTES, write_parquet_atomic
+
+    n = 4000
+    emb = np.random.default_rng(0).random((n, 768), dtype=np.float32)
+    frame = pd.DataFrame({"key": [f"{i:05d}" for i in range(n)], "caption": ["same"] * n, "emb": list(emb)})
+    from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
+
+    write_parquet_atomic(partition_to_arrow(frame), tmp_path / "x.parquet")
+    meta = pq.ParquetFile(tmp_path / "x.parquet").metadata
+    assert meta.num_row_groups >= 2  # 12 MB of embeddings: never one group buffered whole
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    assert max(g.total_byte_size for g in groups) < 2 * ROW_GROUP_BYTES
+    columns = {groups[0].column(c).path_in_schema: groups[0].column(c) for c in range(groups[0].num_columns)}
+    assert not any("DICTIONARY" in e for e in columns["emb.list.element"].encodings)
+    assert any("DICTIONARY" in e for e in columns["caption"].encodings)
+    back = pd.read_parquet(tmp_path / "x.parquet")
+    np.testing.assert_array_equal(np.stack(back["emb"].to_numpy()), emb)

@@ -264,9 +264,28 @@ class PilEmbedder(ImageEmbedder):
 
 def test_custom_subclass_works(tmp_path, client):
     rng = np.random.default_rng(5)
-    write_shard(tmp_path, "00000", make_samples(3, 0, rng, sizes=[(32, 32)]))
-    out, _ = embed_folder(tmp_path, PilEmbedder())
-    assert (out["image_status"] == st.OK).all() and out.image_embedding.iloc[0].shape == (192,)
+    write_shard(tmp_path, "00000", make_samples(4, 0, rng, sizes=[(32, 32)]))
+    parquet = tmp_path / "00000.parquet"
+    pd.read_parquet(parquet).iloc[1:].to_parquet(parquet)  # the tar's first sample loses its row
+    out, summary = embed_folder(tmp_path, PilEmbedder())
+    assert len(out) == 3 and (out["image_status"] == st.OK).all() and out.image_embedding.iloc[0].shape == (192,)
+    assert summary["totals"]["extra_in_tar"] == 1  # yielded by load_dataset_shard, counted, not joined
+
+
+def test_row_results_place_batches_on_their_rows():
+    from nemo_curator.image.embedders.base import RowResults
+
+    results = RowResults(["a", "b", "c", "a"], n_scores=1)  # "a" on two rows
+    assert results.add(["c", "zz"], np.array([[3, 3], [9, 9]], np.float32), [np.array([0.3, 0.9], np.float32)]) == 1
+    assert results.add(["a"], np.array([[1, 1]], np.float32), [np.array([0.1], np.float32)]) == 0
+    with pytest.raises(RuntimeError, match=r"duplicate ids \['c'\]"):
+        results.add(["c"], np.array([[4, 4]], np.float32), [np.array([0.4], np.float32)])
+    with pytest.raises(RuntimeError, match="3-d embeddings after 2-d"):
+        results.add(["b"], np.ones((1, 3), np.float32), [np.ones(1, np.float32)])
+    results.finish()
+    np.testing.assert_array_equal(results.embeddings, [[1, 1], [0, 0], [3, 3], [1, 1]])
+    np.testing.assert_array_equal(results.has, [True, False, True, True])
+    np.testing.assert_array_equal(results.scores[0], np.array([0.1, np.nan, 0.3, 0.1], np.float32))
 
 
 def test_fused_heads_equal_standalone_heads(tmp_path, client, tiny_checkpoint, shared_dir):

@@ -41,11 +41,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+ROW_GROUP_BYTES = 4 * 2**20  # in-memory (Arrow) bytes per parquet row group
+
+
 def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | os.PathLike) -> None:
-    """Write a DataFrame (index dropped) or Arrow table to ``path`` atomically."""
+    """Write a DataFrame (index dropped) or Arrow table to ``path`` atomically.
+
+    Row groups hold about ``ROW_GROUP_BYTES`` each: the writer buffers a whole row group, so
+    one-group files of embeddings would need twice their size in memory. Lists of floats
+    (embeddings) are written without dictionary encoding, which cannot shrink them."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    dictionary_columns = [field.name for field in table.schema if not _is_float_list(field.type)]
+    bytes_per_row = table.nbytes / max(table.num_rows, 1)
+    rows_per_group = max(64, int(ROW_GROUP_BYTES // max(bytes_per_row, 1)))
     with atomic_write(path) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, use_dictionary=dictionary_columns, row_group_size=rows_per_group)
+
+
+def _is_float_list(arrow_type) -> bool:
+    return (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) and pa.types.is_floating(arrow_type.value_type)
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:

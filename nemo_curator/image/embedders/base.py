@@ -139,9 +139,7 @@ class ImageEmbedder(ABC):
         ids = pdf[id_col].astype(str).tolist()
         wanted = set(ids)
 
-        found_ids: list[str] = []
-        embeddings: list[np.ndarray] = []
-        scores: list[list[np.ndarray]] = [[] for _ in self.classifiers]
+        results = RowResults(ids, n_scores=len(self.classifiers))
         failed: dict[str, str] = {}
         extra = 0
         first_error = None
@@ -158,12 +156,11 @@ class ImageEmbedder(ABC):
                 if emb.ndim != 2 or emb.shape[0] != len(item.ids):
                     raise RuntimeError(f"{type(self).__name__}: the model returned shape {tuple(emb.shape)} for a batch "
                                        f"of {len(item.ids)} images; expected (N, D)")
-                for k, (clf, head) in enumerate(zip(self.classifiers, heads)):
-                    scores[k].append(clf.score_tensor(head, emb).float().cpu().numpy().reshape(-1))
-            embeddings.append(emb.cpu().numpy())
-            found_ids.extend(item.ids)
+                batch_scores = [clf.score_tensor(head, emb).float().cpu().numpy().reshape(-1)
+                                for clf, head in zip(self.classifiers, heads)]
+            extra += results.add(item.ids, emb.cpu().numpy(), batch_scores)
 
-        out, counts = self._join_by_id(pdf, id_col, found_ids, embeddings, scores, failed)
+        out, counts = self._output_frame(pdf, id_col, results.finish(), failed)
         counts[EXTRA_IN_TAR] = extra
         seconds = time.time() - started
         stats = {"tar": tar_path, "samples_in": len(pdf), **counts, "embed_seconds": round(seconds, 3),
@@ -178,36 +175,82 @@ class ImageEmbedder(ABC):
             out = type(frame).from_arrow(partition_to_arrow(out))
         return out, stats
 
-    def _join_by_id(self, pdf, id_col, found_ids, embeddings, scores, failed):
-        """Place embeddings and scores on the rows with the same id; count row statuses."""
+    def _output_frame(self, pdf, id_col: str, results: "RowResults", failed: dict[str, str]):
+        """``pdf`` plus the embedding, status and score columns; and the row status counts."""
         n = len(pdf)
-        if len(set(found_ids)) != len(found_ids):
-            raise RuntimeError(f"the shard reader yielded duplicate ids {_first_dups(found_ids)}: an embedder must yield each id once")
-        row_of_id = pd.Index(found_ids).get_indexer(pdf[id_col].astype(str))  # -1: no embedding
-        has = row_of_id >= 0
-        emb_matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
-        emb_col = np.empty(n, dtype=object)
-        emb_col[:] = None
-        for r in np.flatnonzero(has):
-            emb_col[r] = emb_matrix[row_of_id[r]]
+        emb_col = np.empty(n, dtype=object)  # row views of results.embeddings: no copy of the values
+        for r in np.flatnonzero(results.has):
+            emb_col[r] = results.embeddings[r]
         status = np.full(n, image_status.MISSING_IMAGE, dtype=object)
-        status[has] = image_status.OK
+        status[results.has] = image_status.OK
         if failed:
-            for r, i in enumerate(pdf[id_col].astype(str)):
-                if i in failed:
+            for r, i in enumerate(results.row_ids):
+                if i in failed and not results.has[r]:
                     status[r] = failed[i]
-        out = pdf.copy()
+        out = pdf.copy(deep=False)
         out[self.image_embedding_column] = emb_col
         out[self.status_column] = pd.Series(status, index=pdf.index).astype(pdf[id_col].dtype)
-        for clf, chunks in zip(self.classifiers, scores):
-            values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-            col = np.full(n, np.nan, dtype=np.float32)
-            col[has] = values[row_of_id[has]]
+        for clf, col in zip(self.classifiers, results.scores):
             out[clf.pred_column] = clf.postprocess(pd.Series(col, index=pdf.index)).astype(np.float32)
-        counts = {"embedded": int(has.sum()),
+        counts = {"embedded": int(results.has.sum()),
                   image_status.DECODE_FAILED: int((status == image_status.DECODE_FAILED).sum()),
                   image_status.MISSING_IMAGE: int((status == image_status.MISSING_IMAGE).sum())}
         return out, counts
+
+
+class RowResults:
+    """A shard's embeddings and scores, placed on their metadata rows as the batches arrive.
+
+    ``embeddings`` is one (n_rows, D) float32 array in row order, allocated at the first batch:
+    the values are held once, and ``partition_to_arrow`` hands them to Arrow without a copy.
+    Row r holds its id's embedding where ``has[r]``; its scores are in ``scores[k][r]`` (NaN where
+    not ``has``). Rows that repeat an id get the embedding of the id's first row (``finish``).
+    """
+
+    def __init__(self, row_ids: Sequence[str], n_scores: int):
+        self.row_ids = list(row_ids)
+        n = len(self.row_ids)
+        codes, uniques = pd.factorize(pd.Series(self.row_ids, dtype=object))
+        self._codes = codes
+        self._unique_ids = pd.Index(uniques)
+        self._first_row = np.full(len(uniques), -1, dtype=np.int64)
+        self._first_row[codes[::-1]] = np.arange(n)[::-1]  # the first row of every id
+        self.embeddings: np.ndarray | None = None
+        self.has = np.zeros(n, dtype=bool)
+        self.scores = [np.full(n, np.nan, dtype=np.float32) for _ in range(n_scores)]
+
+    def add(self, ids: Sequence[str], embeddings: np.ndarray, scores: Sequence[np.ndarray]) -> int:
+        """Place one batch: ``embeddings`` (N, D) float32 and one (N,) array per score for the N
+        ``ids``. Ids without a metadata row are dropped; return how many were."""
+        codes = self._unique_ids.get_indexer(pd.Index(ids, dtype=object))
+        known = codes >= 0
+        rows = self._first_row[codes[known]]
+        if len(np.unique(rows)) != len(rows) or self.has[rows].any():
+            repeated = [i for i, r in zip(np.asarray(ids, dtype=object)[known], rows) if self.has[r]] or _first_dups(list(ids))
+            raise RuntimeError(f"the shard reader yielded duplicate ids {repeated[:5]}: an embedder must yield each id once")
+        if self.embeddings is None:
+            self.embeddings = np.zeros((len(self.row_ids), embeddings.shape[1]), dtype=np.float32)
+        elif embeddings.shape[1] != self.embeddings.shape[1]:
+            raise RuntimeError(f"the model returned {embeddings.shape[1]}-d embeddings after {self.embeddings.shape[1]}-d "
+                               f"ones in the same shard")
+        self.embeddings[rows] = embeddings[known]
+        self.has[rows] = True
+        for column, values in zip(self.scores, scores):
+            column[rows] = values[known]
+        return int((~known).sum())
+
+    def finish(self) -> "RowResults":
+        """Copy each id's results to the rows that repeat it; return self."""
+        if self.embeddings is None:
+            self.embeddings = np.zeros((len(self.row_ids), 0), dtype=np.float32)
+        source = self._first_row[self._codes]
+        repeats = np.flatnonzero(source != np.arange(len(source)))
+        if len(repeats):
+            self.embeddings[repeats] = self.embeddings[source[repeats]]
+            self.has[repeats] = self.has[source[repeats]]
+            for column in self.scores:
+                column[repeats] = column[source[repeats]]
+        return self
 
 
 def _first_dups(ids: list[str]) -> list[str]:
