@@ -203,9 +203,10 @@ class Runner:
 
 
 def measure(cases: dict, runner: Runner, repeats: int) -> dict:
+    """Warm up each case on every shard (so that every worker has run a task), then time them round-robin."""
     for name, fn in cases.items():
         log(f"  warm-up {name}")
-        fn(tars=runner.tars[:1])
+        fn()
     return common.summarize_runs(interleave(cases, repeats=repeats, warmup=False))
 
 

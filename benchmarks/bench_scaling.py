@@ -8,7 +8,8 @@ every worker with 1 DALI thread and 1 torch thread:
   given to it? (the question for a machine with many cores and one worker per core);
 - free: the same clusters unpinned: one worker already spreads its DALI and torch threads over
   both cores, so a second worker has less to add.
-Cases run round-robin on clusters started once; model loading is outside the timings.
+The two clusters of a pair (1 worker, 2 workers) run round-robin, started once, the other pair's
+clusters closed; every worker runs a warm-up task and model loading is outside the timings.
 """
 from __future__ import annotations
 
@@ -34,18 +35,19 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     folder = dataset_for(args.quick)
     load0 = load_average()
+    results = {}
     with tempfile.TemporaryDirectory(prefix="nemo-bench-scaling-") as out_root:
-        runner = Runner(folder, out_root)
-        try:
-            cases = {}
-            for pin in (True, False):
+        for pin in (True, False):  # one pair of clusters alive at a time: idle clusters cost CPU too
+            runner = Runner(folder, out_root)
+            try:
+                cases = {}
                 for workers in (1, cores):
                     label = f"{workers} worker{'s' if workers > 1 else ''}, {'pinned, one core each' if pin else 'not pinned'}"
                     cases[label] = runner.ours(f"scale-{workers}-{pin}", workers, 1, 1, pin=pin)
-            log(f"scaling: {len(runner.tars)} shards of {folder.name}")
-            results = measure(cases, runner, repeats)
-        finally:
-            runner.close()
+                log(f"scaling: {len(runner.tars)} shards of {folder.name}")
+                results.update(measure(cases, runner, repeats))
+            finally:
+                runner.close()
     load1 = load_average()
     rows = []
     for pinned in (True, False):

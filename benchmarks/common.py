@@ -133,6 +133,9 @@ def mean_jpeg_kb(folder: Path) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # Timing
+SETTLE_SECONDS = 1.0
+
+
 def interleave(cases: dict[str, Callable[[], dict | None]], repeats: int, warmup: bool = True) -> dict[str, dict]:
     """Run each case ``repeats`` times round-robin; return ``{name: {"seconds": [...], "info": last}}``.
 
@@ -146,6 +149,7 @@ def interleave(cases: dict[str, Callable[[], dict | None]], repeats: int, warmup
             fn()
     for r in range(repeats):
         for name, fn in cases.items():
+            time.sleep(SETTLE_SECONDS)  # let the previous case's processes finish their clean-up
             t0 = time.perf_counter()
             info = fn()
             dt = time.perf_counter() - t0

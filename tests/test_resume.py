@@ -157,6 +157,24 @@ def test_save_metadata_skips_finished_shards_of_the_same_pipeline_only(client, t
     assert base.save_metadata(out, columns=["caption"], show_progress=False)["shards_written"] == 1
 
 
+def test_a_column_set_by_hand_is_part_of_the_job(client, tmp_path):
+    make_sample_dataset(tmp_path / "in", n_shards=3, samples_per_shard=3, sizes=[(16, 16)])
+    src, out = str(tmp_path / "in"), str(tmp_path / "out")
+
+    def save(min_length: int) -> dict:
+        dataset = ImageTextPairDataset.from_webdataset(src, id_col="key")
+        assert dataset.untracked_changes() is None
+        dataset.metadata["long"] = dataset.metadata["caption"].str.len() > min_length
+        assert dataset.untracked_changes() is not None
+        return dataset.save_metadata(out, show_progress=False)
+
+    assert save(5)["shards_written"] == 3
+    assert pd.read_parquet(os.path.join(out, "00000.parquet"))["long"].all()
+    assert save(5)["shards_skipped"] == 3  # the same expression: resumed
+    assert save(10_000)["shards_written"] == 3  # another threshold: not mistaken for the same job
+    assert not pd.read_parquet(os.path.join(out, "00000.parquet"))["long"].any()
+
+
 def test_save_metadata_in_place_killed_then_rerun_matches_uninterrupted_run(client, tmp_path):
     src, ref = tmp_path / "in", tmp_path / "ref"
     make_sample_dataset(src, n_shards=N_SHARDS, samples_per_shard=SAMPLES, sizes=[(16, 16)])

@@ -62,6 +62,7 @@ class ImageTextPairDataset:
         self.id_col = id_col
         self.shard_stats = list(shard_stats) if shard_stats is not None else [None] * len(self.tar_files)
         self.lineage = tuple(lineage)
+        self._tracked_token = dask.base.tokenize(metadata)
         self._check_alignment()
 
     # ------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class ImageTextPairDataset:
                 raise KeyError(f"save_metadata: columns {missing} are not in the metadata; present: {list(self.metadata.columns)}")
         written = list(columns) if columns is not None else list(self.metadata.columns)
         job = fingerprint({"operation": "save_metadata", "lineage": list(self.lineage), "id_col": self.id_col,
-                           "columns": written})
+                           "columns": written, "untracked_changes": self.untracked_changes()})
         os.makedirs(out_dir, exist_ok=True)
         parts = self.metadata.to_delayed()
         results: list[dict | None] = [None] * len(parts)
@@ -179,6 +180,7 @@ class ImageTextPairDataset:
             backend = "pandas" if isinstance(self.metadata._meta, pd.DataFrame) else "cudf"
             parquets = [os.path.join(out_dir, os.path.basename(t)[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX) for t in self.tar_files]
             self.metadata = _metadata_from_parquets(parquets, self.id_col, backend)
+            self._tracked_token = dask.base.tokenize(self.metadata)
             self.shard_stats = [None] * len(self.tar_files)
         return summary
 
@@ -189,6 +191,15 @@ class ImageTextPairDataset:
 
         return to_webdataset(self, path, filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
                              old_id_col=old_id_col, **kwargs)
+
+    def untracked_changes(self) -> str | None:
+        """Dask's token of the metadata when it changed outside the dataset's own operations
+        (``dataset.metadata["x"] = ...``), else None. Part of the resume fingerprints: such a
+        change is not in the lineage, and a rerun with another expression must not skip shards.
+        The token is deterministic across processes for the same expression; where Dask cannot
+        tokenize an argument deterministically, every rerun redoes the shards (never skips wrongly)."""
+        token = dask.base.tokenize(self.metadata)
+        return None if token == self._tracked_token else token
 
     # ------------------------------------------------------------------------------------------
     def _check_alignment(self) -> None:

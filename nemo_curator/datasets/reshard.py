@@ -88,7 +88,8 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
     params = {"filter_column": filter_column, "samples_per_shard": samples_per_shard, "max_shards": max_shards,
               "old_id_col": old_id_col}
     job = fingerprint({"operation": "to_webdataset", "lineage": list(dataset.lineage), "id_col": id_col,
-                       "columns": list(metadata.columns), **params, "inputs": inputs})
+                       "columns": list(metadata.columns), "untracked_changes": dataset.untracked_changes(), **params,
+                       "inputs": inputs})
     if existing and not overwrite and previous_job.get("job") != job:
         raise FileExistsError(_exists_message(out_dir, existing, "written by a different to_webdataset job (another "
                                               "pipeline, filter, parameters or input files)"))
