@@ -193,7 +193,7 @@ def _throughput(run: dict | None) -> dict:
         return {}
     out = {"embedded": int(totals.get("embedded", 0)), "embed_worker_seconds": round(totals["embed_seconds"], 2),
            "images_per_second_per_worker": round(totals.get("embedded", 0) / totals["embed_seconds"], 2)}
-    if run.get("shards_skipped", 0) == 0 and run.get("seconds"):
+    if run.get("shards_skipped", 0) == 0 and run.get("carried_stats", 0) == 0 and run.get("seconds"):
         out["run_seconds"] = run["seconds"]
         out["images_per_second"] = round(totals.get("embedded", 0) / run["seconds"], 2)
     if totals.get("extra_in_tar"):

@@ -19,6 +19,7 @@ from nemo_curator.datasets import ImageTextPairDataset
 from nemo_curator.filtering import (FilterExpressionError, add_filter_column, check_expression, evaluate_filter,
                                     expression_columns)
 from nemo_curator.image.classifiers import AestheticMLP
+from nemo_curator.report import _throughput
 from nemo_curator.scripts.cli import build_parser, main
 from nemo_curator.scripts.models import write_random_heads
 from nemo_curator.utils.webdataset import read_dali_index
@@ -175,6 +176,14 @@ def test_score_rescores_the_embedding_column_with_other_weights(embedded, addres
         expected = head.eval()(torch.from_numpy(np.stack(after.image_embedding.to_numpy()))).numpy().ravel()
     np.testing.assert_allclose(after.aesthetic_score.to_numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(after.nsfw_score.to_numpy(), before.nsfw_score.to_numpy())
+    # the embedding's stats survive the rescoring; the score run's wall time is not an embedding rate
+    embed_stats = json.loads((embedded / "00000.stats.json").read_text())
+    stats = json.loads((data / "00000.stats.json").read_text())
+    assert stats["embedded"] == embed_stats["embedded"] > 0 and stats["embed_seconds"] == embed_stats["embed_seconds"]
+    run = json.loads((data / "_run_summary.json").read_text())
+    assert run["carried_stats"] == 2 and run["totals"]["embedded"] == len(after)
+    throughput = _throughput(run)
+    assert throughput["embedded"] == len(after) and "images_per_second" not in throughput
 
 
 def test_filter_reshards_the_rows_the_expression_keeps(embedded, address, tmp_path, capsys):

@@ -24,7 +24,8 @@ from nemo_curator.image.status import DECODE_FAILED, MISSING_IMAGE, STATUS_COLUM
 from nemo_curator.utils.file_utils import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.progress import compute_with_progress
-from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, fingerprint, identities, make_record)
+from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, file_identity, fingerprint, identities, make_record,
+                                       read_json)
 from nemo_curator.utils.webdataset import PARQUET_SUFFIX, TAR_SUFFIX, Shard, find_shards
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ImageTextPairDataset:
         shard_stats: optional per-shard Delayed dicts (from an embedder) merged into the stats files.
         lineage: description of every operation applied since loading; it fingerprints outputs
             so that a rerun of the same pipeline resumes instead of redoing finished shards.
+        metadata_files: the parquet each partition was read from (its ``NNNNN.stats.json``
+            describes the columns already computed; ``save_metadata`` carries it over).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class ImageTextPairDataset:
         id_col: str,
         shard_stats: Sequence[Any] | None = None,
         lineage: Sequence[str] = (),
+        metadata_files: Sequence[str] | None = None,
     ):
         self.path = os.fspath(path)
         self.metadata = metadata
@@ -62,6 +66,7 @@ class ImageTextPairDataset:
         self.id_col = id_col
         self.shard_stats = list(shard_stats) if shard_stats is not None else [None] * len(self.tar_files)
         self.lineage = tuple(lineage)
+        self.metadata_files = [os.fspath(p) for p in metadata_files] if metadata_files is not None else None
         self._tracked_token = dask.base.tokenize(metadata)
         self._check_alignment()
 
@@ -82,7 +87,8 @@ class ImageTextPairDataset:
             gpu_only_import("dask_cudf", "backend='cudf'")
         shards = find_shards(path)
         metadata = _metadata_from_parquets([s.parquet for s in shards], id_col, backend)
-        return cls(path, metadata, [s.tar for s in shards], id_col, lineage=(f"source={os.path.abspath(path)}",))
+        return cls(path, metadata, [s.tar for s in shards], id_col, lineage=(f"source={os.path.abspath(path)}",),
+                   metadata_files=[s.parquet for s in shards])
 
     # ------------------------------------------------------------------------------------------
     def with_metadata(
@@ -94,7 +100,7 @@ class ImageTextPairDataset:
         """A new dataset over the same shards with new metadata (one partition per shard)."""
         lineage = self.lineage + ((lineage_step,) if lineage_step else ())
         stats = list(shard_stats) if shard_stats is not None else self.shard_stats
-        return ImageTextPairDataset(self.path, metadata, self.tar_files, self.id_col, stats, lineage)
+        return ImageTextPairDataset(self.path, metadata, self.tar_files, self.id_col, stats, lineage, self.metadata_files)
 
     def map_shards(
         self,
@@ -136,8 +142,10 @@ class ImageTextPairDataset:
         a rerun of the same pipeline skips the shards already written (see
         ``nemo_curator.utils.resume``) and computes only the others. With ``columns=None`` the
         dataset then reads its metadata from the written files, so later steps (filters,
-        ``to_webdataset``) do not recompute embeddings. Returns the run summary
-        (also written as ``_run_summary.json``).
+        ``to_webdataset``) do not recompute embeddings. A shard that no step of this pipeline
+        computed stats for (e.g. scoring saved embeddings) keeps the stats stored with the parquet
+        it was read from (embedding counts and seconds): ``carried_stats`` in the summary counts
+        them. Returns the run summary (also written as ``_run_summary.json``).
         """
         out_dir = os.path.abspath(os.fspath(path) if path is not None else self.path)
         self._check_alignment()
@@ -152,7 +160,7 @@ class ImageTextPairDataset:
         os.makedirs(out_dir, exist_ok=True)
         parts = self.metadata.to_delayed()
         results: list[dict | None] = [None] * len(parts)
-        tasks, todo = [], []
+        tasks, todo, carried = [], [], 0
         for i, (part, tar, stats) in enumerate(zip(parts, self.tar_files, self.shard_stats)):
             shard = Shard.in_folder(out_dir, os.path.basename(tar)[: -len(TAR_SUFFIX)])
             inputs = identities([os.path.abspath(tar), os.path.abspath(tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX)])
@@ -162,6 +170,9 @@ class ImageTextPairDataset:
                 results[i] = done
                 continue
             remove_stale_temporaries(out_dir, [os.path.basename(shard.parquet), os.path.basename(stats_path)])
+            if stats is None and self.metadata_files is not None:
+                stats = stored_stats(self.metadata_files[i])
+                carried += stats is not None
             tasks.append(dask.delayed(_write_shard_metadata, pure=False)(part, shard.parquet, columns, self.id_col, stats,
                                                                           job=job, inputs=inputs))
             todo.append(i)
@@ -171,7 +182,7 @@ class ImageTextPairDataset:
         for i, result in zip(todo, compute_with_progress(tasks, desc="save_metadata", show=show_progress)):
             results[i] = result
         summary = summarize_stats(results, seconds=time.time() - started, skipped=len(parts) - len(todo),
-                                  operation="save_metadata", path=out_dir)
+                                  operation="save_metadata", path=out_dir, carried_stats=carried)
         write_json_atomic(summary, os.path.join(out_dir, RUN_SUMMARY_NAME))
         logger.info("save_metadata: %s", {k: v for k, v in summary.items() if k != "shards"})
         if columns is None:
@@ -180,6 +191,7 @@ class ImageTextPairDataset:
             backend = "pandas" if isinstance(self.metadata._meta, pd.DataFrame) else "cudf"
             parquets = [os.path.join(out_dir, os.path.basename(t)[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX) for t in self.tar_files]
             self.metadata = _metadata_from_parquets(parquets, self.id_col, backend)
+            self.metadata_files = parquets
             self._tracked_token = dask.base.tokenize(self.metadata)
             self.shard_stats = [None] * len(self.tar_files)
         return summary
@@ -396,6 +408,24 @@ def _write_shard_metadata(frame, parquet_path: str, columns, id_col: str, stats:
         shard_stats[RESUME_KEY] = make_record(job, inputs or {}, [parquet_path])
     write_json_atomic(shard_stats, parquet_path[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX)
     return shard_stats
+
+
+_RECOMPUTED_STATS = (RESUME_KEY, "shard", "rows", "write_seconds", DECODE_FAILED, MISSING_IMAGE)
+
+
+def stored_stats(parquet_path: str) -> dict | None:
+    """The stats stored beside ``parquet_path`` (``NNNNN.stats.json``) when they describe this
+    very file (the completion marker records its size and mtime), less what every write
+    recomputes; else None."""
+    stats = read_json(parquet_path[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX)
+    record = (stats or {}).get(RESUME_KEY)
+    if not isinstance(record, dict):
+        return None
+    name = os.path.basename(parquet_path)  # by name: a folder copied with its mtimes (cp -p, rsync -a) keeps its stats
+    recorded = [ident for path, ident in (record.get("outputs") or {}).items() if os.path.basename(path) == name]
+    if len(recorded) != 1 or recorded[0] != file_identity(parquet_path):
+        return None
+    return {k: v for k, v in stats.items() if k not in _RECOMPUTED_STATS}
 
 
 def status_counts(frame) -> dict[str, int]:
