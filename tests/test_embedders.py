@@ -314,6 +314,19 @@ def test_fused_heads_equal_standalone_heads(tmp_path, client, tiny_checkpoint, s
     assert ok.nsfw_score.between(0, 1).all() and ok.aesthetic_score.notna().all()
 
 
+def test_compiled_model_gives_the_same_embeddings(tiny_checkpoint):
+    plain = embedder(tiny_checkpoint)
+    compiled_embedder = embedder(tiny_checkpoint, compile_model=True)
+    assert compiled_embedder.config() == plain.config()  # not in the lineage: toggling it keeps resume
+    assert compiled_embedder.runtime_config() != plain.runtime_config()  # but a separate cached model
+    eager, compiled = plain.load_embedding_model("cpu"), compiled_embedder.load_embedding_model("cpu")
+    torch.manual_seed(3)
+    for n in (4, 3):  # the second size stands for a shard's smaller last batch
+        batch = torch.randn(n, 3, 224, 224)
+        with torch.inference_mode():
+            np.testing.assert_allclose(compiled(batch).numpy(), eager(batch).numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_head_reading_another_column_is_rejected(tiny_checkpoint):
     from nemo_curator.image.classifiers import AestheticClassifier
 

@@ -87,6 +87,11 @@ class ImageEmbedder(ABC):
         """Everything that changes the embeddings: the worker cache key and the lineage come from it."""
         return {"class": type(self).__qualname__, "model_name": self.model_name}
 
+    def runtime_config(self) -> dict:
+        """Settings that change how the model runs but not its embeddings (e.g. compilation):
+        part of the worker cache key, not of the lineage. Empty by default."""
+        return {}
+
     def normalize(self, embeddings):
         """Post-process (N, D) embeddings before the heads; identity by default."""
         return embeddings
@@ -118,7 +123,7 @@ class ImageEmbedder(ABC):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def get_model(self, device: str):
-        key = tuple(sorted(self.config().items())) + (("device", device),)
+        key = tuple(sorted({**self.config(), **self.runtime_config()}.items())) + (("device", device),)
         return load_object_on_worker(key, lambda: self.load_embedding_model(device))
 
     def embed_shard(self, frame: pd.DataFrame, tar_path: str, id_col: str) -> tuple[pd.DataFrame, dict]:

@@ -54,6 +54,11 @@ class TimmImageEmbedder(ImageEmbedder):
         model_kwargs: extra ``timm.create_model`` arguments (part of the cache key).
         adjust_orientation: apply EXIF orientation when decoding (timm's PIL path does not).
         device: "auto" (GPU when the worker has one), "cpu" or "cuda".
+        compile_model: ``torch.compile`` the model on each worker. Its first batch then takes the
+            compile time (~20 s for the tiny test model on 2 CPU cores, minutes for ViT-L/14) and a
+            shard's smaller last batch one more compile (the batch dimension then becomes dynamic).
+            Same embeddings up to float rounding, so not part of the lineage: a rerun that only
+            toggles it resumes. Worth it for long jobs (see docs/benchmarks.md).
 
     On CPU, loading the model also tunes glibc's malloc of the worker process for inference (see
     ``keep_freed_memory_for_reuse``), and ``autocast=False`` is much faster on CPUs without native
@@ -76,6 +81,7 @@ class TimmImageEmbedder(ImageEmbedder):
         model_kwargs: dict | None = None,
         adjust_orientation: bool = True,
         device: str = "auto",
+        compile_model: bool = False,
     ):
         super().__init__(model_name, image_embedding_column, classifiers)
         if batch_size < 1:
@@ -97,6 +103,7 @@ class TimmImageEmbedder(ImageEmbedder):
         self.model_kwargs = dict(model_kwargs or {})
         self.adjust_orientation = adjust_orientation
         self.device = device
+        self.compile_model = compile_model
         # The transform comes from timm's pretrained config: no model is built on the client.
         overlay = {"input_size": (3, self.model_kwargs["img_size"], self.model_kwargs["img_size"])} \
             if isinstance(self.model_kwargs.get("img_size"), int) else None
@@ -111,6 +118,9 @@ class TimmImageEmbedder(ImageEmbedder):
             "normalize_embeddings": self.normalize_embeddings,
             "model_kwargs": repr(sorted(self.model_kwargs.items())),
         }
+
+    def runtime_config(self) -> dict:
+        return {"compile_model": self.compile_model}
 
     def worker_device(self) -> str:
         return super().worker_device() if self.device == "auto" else self.device
@@ -149,6 +159,8 @@ class TimmImageEmbedder(ImageEmbedder):
             model = model.to(memory_format=torch.channels_last)
         else:
             keep_freed_memory_for_reuse()
+        if self.compile_model:
+            model = torch.compile(model)
 
         def embed(batch):
             if device_type == "cuda":
