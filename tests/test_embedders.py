@@ -127,6 +127,25 @@ def test_bad_images_keep_their_rows(tmp_path, client, tiny_checkpoint):
     assert (got * ref).sum(1).min() >= 0.999
 
 
+def test_a_shard_result_holds_its_embeddings_once(tmp_path, tiny_checkpoint):
+    """embed_shard (in this process): the embedding column is row views of one matrix, which
+    Arrow takes without a copy; a row without image is null there and in the parquet."""
+    from nemo_curator.datasets.image_text_pair_dataset import _rows_of_one_matrix, partition_to_arrow
+
+    rng = np.random.default_rng(2)
+    samples = make_samples(7, 0, rng, sizes=[(64, 48)])
+    samples[3].members.pop("jpg")
+    write_shard(tmp_path, "00000", samples)
+    frame = pd.read_parquet(tmp_path / "00000.parquet").sample(frac=1, random_state=0)  # rows not in tar order
+    frame["key"] = frame["key"].astype(str)
+    out, stats = embedder(tiny_checkpoint, batch_size=3).embed_shard(frame, str(tmp_path / "00000.tar"), "key")
+    matrix, present = _rows_of_one_matrix(out["image_embedding"].tolist())
+    assert matrix is not None and matrix.shape == (7, 768) and present.sum() == 6 == stats["embedded"]
+    assert out.set_index("key").loc[samples[3].key, "image_embedding"] is None
+    column = partition_to_arrow(out).column("image_embedding").chunk(0)
+    assert column.values.buffers()[1].address == matrix.ctypes.data and column.null_count == 1
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_any_batch_size_and_empty_shard(tmp_path, client, tiny_checkpoint, batch_size):
     rng = np.random.default_rng(2)
