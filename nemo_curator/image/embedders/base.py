@@ -218,8 +218,7 @@ class RowResults:
         codes, uniques = pd.factorize(pd.Series(self.row_ids, dtype=object))
         self._codes = codes
         self._unique_ids = pd.Index(uniques)
-        self._first_row = np.full(len(uniques), -1, dtype=np.int64)
-        self._first_row[codes[::-1]] = np.arange(n)[::-1]  # the first row of every id
+        self._first_row = np.unique(codes, return_index=True)[1]  # per id (code 0, 1, ...): its first row
         self.embeddings: np.ndarray | None = None
         self.has = np.zeros(n, dtype=bool)
         self.scores = [np.full(n, np.nan, dtype=np.float32) for _ in range(n_scores)]
