@@ -170,6 +170,9 @@ def test_embedding_rows_of_one_matrix_reach_arrow_without_a_copy():
     column = table.column("emb").chunk(0)
     assert column.values.buffers()[1].address == matrix.ctypes.data  # the matrix itself
     assert column.to_pylist() == [[0, 1, 2], None, [6, 7, 8], [9, 10, 11]]
+    assert column.offsets.to_pylist() == [0, 3, 6, 9, 12]  # the null row spans unused values: valid Arrow
+    compact = partition_to_arrow(pd.DataFrame({"emb": rows}), compact_nulls=True).column("emb").chunk(0)
+    assert compact.offsets.to_pylist() == [0, 3, 3, 6, 9] and compact.to_pylist() == column.to_pylist()  # for cuDF
     shuffled = partition_to_arrow(pd.DataFrame({"emb": [matrix[3], matrix[0], None, [1.5, 2.5]]}))
     assert shuffled.column("emb").to_pylist() == [[9, 10, 11], [0, 1, 2], None, [1.5, 2.5]]
 
@@ -179,7 +182,8 @@ def test_parquet_of_embeddings_in_bounded_row_groups_without_dictionary(tmp_path
 
     n = 4000
     emb = np.random.default_rng(0).random((n, 768), dtype=np.float32)
-    frame = pd.DataFrame({"key": [f"{i:05d}" for i in range(n)], "caption": ["same"] * n, "emb": list(emb)})
+    frame = pd.DataFrame({"key": [f"{i:05d}" for i in range(n)], "caption": ["same"] * n, "emb": list(emb),
+                          "tags": [["a", "b"]] * n})
     from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
 
     write_parquet_atomic(partition_to_arrow(frame), tmp_path / "x.parquet")
@@ -190,5 +194,6 @@ def test_parquet_of_embeddings_in_bounded_row_groups_without_dictionary(tmp_path
     columns = {groups[0].column(c).path_in_schema: groups[0].column(c) for c in range(groups[0].num_columns)}
     assert not any("DICTIONARY" in e for e in columns["emb.list.element"].encodings)
     assert any("DICTIONARY" in e for e in columns["caption"].encodings)
+    assert any("DICTIONARY" in e for e in columns["tags.list.element"].encodings)  # nested, not floats: kept
     back = pd.read_parquet(tmp_path / "x.parquet")
     np.testing.assert_array_equal(np.stack(back["emb"].to_numpy()), emb)

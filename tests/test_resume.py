@@ -175,6 +175,60 @@ def test_a_column_set_by_hand_is_part_of_the_job(client, tmp_path):
     assert not pd.read_parquet(os.path.join(out, "00000.parquet"))["long"].any()
 
 
+def test_a_hand_edit_stays_in_the_job_after_later_steps_and_saves(client, tmp_path):
+    make_sample_dataset(tmp_path / "in", n_shards=2, samples_per_shard=3, sizes=[(16, 16)])
+    src = str(tmp_path / "in")
+
+    def edited(value: int) -> ImageTextPairDataset:
+        dataset = ImageTextPairDataset.from_webdataset(src, id_col="key")
+        dataset.metadata["x"] = value
+        return dataset
+
+    def x_in(folder) -> set:
+        return set(pd.read_parquet(os.path.join(folder, "00000.parquet"))["x"])
+
+    # a tracked step after the edit
+    for value, written in ((1, 2), (1, 0), (2, 2)):
+        summary = scored(edited(value)).save_metadata(str(tmp_path / "after_step"), show_progress=False)
+        assert summary["shards_written"] == written and x_in(tmp_path / "after_step") == {value}
+    # a save, whose files the dataset then reads, before another save
+    for value, written in ((1, 2), (1, 0), (2, 2)):
+        dataset = edited(value)
+        dataset.save_metadata(str(tmp_path / f"first{value}"), show_progress=False)
+        summary = dataset.save_metadata(str(tmp_path / "second"), show_progress=False)
+        assert summary["shards_written"] == written and x_in(tmp_path / "second") == {value}
+
+
+def fake_embed(frame: pd.DataFrame, tar: str):
+    """Stands for an embedder: a column, and embedder stats for the shard."""
+    return frame.assign(emb_len=frame["caption"].str.len()), {"embedded": len(frame), "samples_in": len(frame),
+                                                               "embed_seconds": 0.25}
+
+
+def test_stored_embedding_stats_are_carried_only_to_the_same_rows(client, tmp_path):
+    make_sample_dataset(tmp_path / "in", n_shards=2, samples_per_shard=4, sizes=[(16, 16)])
+    src = str(tmp_path / "in")
+    base = ImageTextPairDataset.from_webdataset(src, id_col="key")
+    meta = base.metadata._meta.assign(emb_len=pd.Series([], dtype="int64"))
+    base.map_shards(fake_embed, meta=meta, lineage_step="fake embed", returns_stats=True).save_metadata(show_progress=False)
+
+    rescored = ImageTextPairDataset.from_webdataset(src, id_col="key").save_metadata(str(tmp_path / "copy"), show_progress=False)
+    assert rescored["carried_stats"] == 2 and rescored["totals"]["embedded"] == 8
+    assert rescored["totals"]["embed_seconds"] == 0.5 and "write_seconds" in rescored["shards"][0]
+
+    filtered = ImageTextPairDataset.from_webdataset(src, id_col="key")
+    filtered.metadata = filtered.metadata[filtered.metadata["key"].str[-1] == "0"]  # rows dropped by hand
+    summary = filtered.save_metadata(str(tmp_path / "filtered"), show_progress=False)
+    assert summary["carried_stats"] == 0 and "embedded" not in summary["totals"]
+
+    dataset = ImageTextPairDataset.from_webdataset(src, id_col="key")
+    dataset.metadata["keep"] = True
+    dataset.to_webdataset(str(tmp_path / "curated"), "keep", samples_per_shard=3, show_progress=False)
+    resharded = ImageTextPairDataset.from_webdataset(str(tmp_path / "curated"), id_col="key")
+    summary = resharded.save_metadata(str(tmp_path / "curated_copy"), show_progress=False)
+    assert summary["carried_stats"] == 0 and "samples_written" not in summary["totals"]
+
+
 def test_save_metadata_in_place_killed_then_rerun_matches_uninterrupted_run(client, tmp_path):
     src, ref = tmp_path / "in", tmp_path / "ref"
     make_sample_dataset(src, n_shards=N_SHARDS, samples_per_shard=SAMPLES, sizes=[(16, 16)])

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nemo_curator.image.status import DECODE_FAILED, MISSING_IMAGE, STATUS_COLUMN
+from nemo_curator.image.status import DECODE_FAILED, EMBED_STATS_KEYS, MISSING_IMAGE, STATUS_COLUMN
 from nemo_curator.utils.file_utils import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.progress import compute_with_progress
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("pandas", "cudf")
 STATS_SUFFIX = ".stats.json"
+UNTRACKED_STEP = "untracked="  # lineage step of hand edits: "untracked=<Dask token>"
 RUN_SUMMARY_NAME = "_run_summary.json"
 
 
@@ -98,7 +99,7 @@ class ImageTextPairDataset:
         shard_stats: Sequence[Any] | None = None,
     ) -> "ImageTextPairDataset":
         """A new dataset over the same shards with new metadata (one partition per shard)."""
-        lineage = self.lineage + ((lineage_step,) if lineage_step else ())
+        lineage = self._lineage_with_untracked() + ((lineage_step,) if lineage_step else ())
         stats = list(shard_stats) if shard_stats is not None else self.shard_stats
         return ImageTextPairDataset(self.path, metadata, self.tar_files, self.id_col, stats, lineage, self.metadata_files)
 
@@ -155,23 +156,26 @@ class ImageTextPairDataset:
             if missing:
                 raise KeyError(f"save_metadata: columns {missing} are not in the metadata; present: {list(self.metadata.columns)}")
         written = list(columns) if columns is not None else list(self.metadata.columns)
+        untracked = self.untracked_changes()
         job = fingerprint({"operation": "save_metadata", "lineage": list(self.lineage), "id_col": self.id_col,
-                           "columns": written, "untracked_changes": self.untracked_changes()})
+                           "columns": written, "untracked_changes": untracked})
+        # stored stats describe the rows of the parquet read: not after a hand edit (rows may be filtered)
+        carry_stats = untracked is None and not any(step.startswith(UNTRACKED_STEP) for step in self.lineage)
         os.makedirs(out_dir, exist_ok=True)
         parts = self.metadata.to_delayed()
         results: list[dict | None] = [None] * len(parts)
         tasks, todo, carried = [], [], 0
         for i, (part, tar, stats) in enumerate(zip(parts, self.tar_files, self.shard_stats)):
             shard = Shard.in_folder(out_dir, os.path.basename(tar)[: -len(TAR_SUFFIX)])
-            inputs = identities([os.path.abspath(tar), os.path.abspath(tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX)])
+            inputs = identities([os.path.abspath(tar), self.metadata_file(i)])
             stats_path = shard.parquet[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX
             done = completed_stats(stats_path, job, inputs) if resume else None
             if done is not None:
                 results[i] = done
                 continue
             remove_stale_temporaries(out_dir, [os.path.basename(shard.parquet), os.path.basename(stats_path)])
-            if stats is None and self.metadata_files is not None:
-                stats = stored_stats(self.metadata_files[i])
+            if stats is None and carry_stats:
+                stats = stored_embed_stats(self.metadata_file(i))
                 carried += stats is not None
             tasks.append(dask.delayed(_write_shard_metadata, pure=False)(part, shard.parquet, columns, self.id_col, stats,
                                                                           job=job, inputs=inputs))
@@ -190,6 +194,7 @@ class ImageTextPairDataset:
             # to_webdataset) do not recompute the embeddings.
             backend = "pandas" if isinstance(self.metadata._meta, pd.DataFrame) else "cudf"
             parquets = [os.path.join(out_dir, os.path.basename(t)[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX) for t in self.tar_files]
+            self.lineage = self._lineage_with_untracked()  # a hand edit stays in the lineage of what was written
             self.metadata = _metadata_from_parquets(parquets, self.id_col, backend)
             self.metadata_files = parquets
             self._tracked_token = dask.base.tokenize(self.metadata)
@@ -203,6 +208,19 @@ class ImageTextPairDataset:
 
         return to_webdataset(self, path, filter_column, samples_per_shard=samples_per_shard, max_shards=max_shards,
                              old_id_col=old_id_col, **kwargs)
+
+    def metadata_file(self, i: int) -> str:
+        """Absolute path of the parquet that partition ``i`` is read from (beside its tar unless
+        the dataset was re-read from saved files)."""
+        tar = self.tar_files[i]
+        path = self.metadata_files[i] if self.metadata_files is not None else tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX
+        return os.path.abspath(path)
+
+    def _lineage_with_untracked(self) -> tuple[str, ...]:
+        """The lineage, plus a step naming the hand edits of the metadata, if any, so that they
+        stay part of the fingerprints of every later operation."""
+        untracked = self.untracked_changes()
+        return self.lineage + ((f"{UNTRACKED_STEP}{untracked}",) if untracked else ())
 
     def untracked_changes(self) -> str | None:
         """Dask's token of the metadata when it changed outside the dataset's own operations
@@ -318,28 +336,34 @@ def _to_cudf(frame: pd.DataFrame):
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-def partition_to_arrow(frame) -> pa.Table:
-    """Convert a partition (pandas or cuDF) to Arrow; columns of float arrays become list<float32>."""
+def partition_to_arrow(frame, compact_nulls: bool = False) -> pa.Table:
+    """Convert a partition (pandas or cuDF) to Arrow; columns of float arrays become list<float32>.
+
+    ``compact_nulls``: null lists take no values (for libcudf, which mishandles null lists over
+    non-empty ranges; Arrow and parquet accept them), at the cost of a copy when there are nulls."""
     if not isinstance(frame, pd.DataFrame):
         frame = frame.to_pandas()
     arrays, names = [], []
     for name in frame.columns:
         col = frame[name]
         if col.dtype == object and _holds_float_arrays(col):
-            arrays.append(_float_list_array(col))
+            arrays.append(_float_list_array(col, compact_nulls))
         else:
             arrays.append(pa.Array.from_pandas(col))
         names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def _float_list_array(col: pd.Series) -> pa.ListArray:
+def _float_list_array(col: pd.Series, compact_nulls: bool = False) -> pa.ListArray:
     """Object column of float arrays (or None/NaN) -> list<float32>.
 
     When the arrays are the rows of one (n, D) float32 matrix, each at its own row (what
-    ``ImageEmbedder`` produces), Arrow gets the matrix itself: no copy. Otherwise one copy."""
+    ``ImageEmbedder`` produces), Arrow gets the matrix itself: no copy (a null row then spans
+    its D unused values, unless ``compact_nulls``). Otherwise one copy."""
     values = col.tolist()
     matrix, present = _rows_of_one_matrix(values)
+    if matrix is not None and compact_nulls and not present.all():
+        matrix = None
     if matrix is not None:
         offsets = np.arange(len(values) + 1, dtype=np.int64) * matrix.shape[1]
         flat = matrix.reshape(-1)
@@ -412,22 +436,19 @@ def _write_shard_metadata(frame, parquet_path: str, columns, id_col: str, stats:
     return shard_stats
 
 
-_RECOMPUTED_STATS = (RESUME_KEY, "shard", "rows", "write_seconds", DECODE_FAILED, MISSING_IMAGE)
-
-
-def stored_stats(parquet_path: str) -> dict | None:
-    """The stats stored beside ``parquet_path`` (``NNNNN.stats.json``) when they describe this
-    very file (the completion marker records its size and mtime), less what every write
-    recomputes; else None."""
+def stored_embed_stats(parquet_path: str) -> dict | None:
+    """The embedder's stats (``EMBED_STATS_KEYS``) stored beside ``parquet_path`` in
+    ``NNNNN.stats.json``, when they describe this very file (its completion marker records the
+    file's size and mtime); else None."""
     stats = read_json(parquet_path[: -len(PARQUET_SUFFIX)] + STATS_SUFFIX)
     record = (stats or {}).get(RESUME_KEY)
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or "embedded" not in stats:
         return None
     name = os.path.basename(parquet_path)  # by name: a folder copied with its mtimes (cp -p, rsync -a) keeps its stats
     recorded = [ident for path, ident in (record.get("outputs") or {}).items() if os.path.basename(path) == name]
     if len(recorded) != 1 or recorded[0] != file_identity(parquet_path):
         return None
-    return {k: v for k, v in stats.items() if k not in _RECOMPUTED_STATS}
+    return {k: v for k, v in stats.items() if k in EMBED_STATS_KEYS}
 
 
 def status_counts(frame) -> dict[str, int]:

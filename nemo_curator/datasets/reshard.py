@@ -41,7 +41,7 @@ from nemo_curator.utils.file_utils import atomic_write, remove_stale_temporaries
 from nemo_curator.utils.progress import compute_with_progress
 from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, file_identity, fingerprint, identities, make_record,
                                        read_json)
-from nemo_curator.utils.webdataset import (PARQUET_SUFFIX, TAR_SUFFIX, Shard, TarMember, TarWriter,
+from nemo_curator.utils.webdataset import (TAR_SUFFIX, Shard, TarMember, TarWriter,
                                            iter_tar_samples, read_member_bytes, shard_name)
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
                          f"({10**max_shards}); raise max_shards to {len(str(len(plan) - 1))} or samples_per_shard "
                          f"to {math.ceil(sum(kept_counts) / 10**max_shards)}")
 
-    inputs = [_input_identity(tar, s) for tar, s in zip(dataset.tar_files, summaries)]
+    inputs = [_input_identity(tar, dataset.metadata_file(i), s) for i, (tar, s) in enumerate(zip(dataset.tar_files, summaries))]
     params = {"filter_column": filter_column, "samples_per_shard": samples_per_shard, "max_shards": max_shards,
               "old_id_col": old_id_col}
     job = fingerprint({"operation": "to_webdataset", "lineage": list(dataset.lineage), "id_col": id_col,
@@ -159,11 +159,10 @@ def _output_files(out_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(out_dir) if _OUTPUT_FILE_RE.match(n))
 
 
-def _input_identity(tar: str, summary: dict) -> dict:
+def _input_identity(tar: str, parquet: str, summary: dict) -> dict:
     """What the job fingerprint knows of one input shard: its files and the ids it keeps."""
     tar = os.path.abspath(tar)
-    return {"tar": tar, "tar_file": file_identity(tar), "parquet_file": file_identity(tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX),
-            **summary}
+    return {"tar": tar, "tar_file": file_identity(tar), "parquet_file": file_identity(parquet), **summary}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,3 +12,7 @@ OK = "ok"
 DECODE_FAILED = "decode_failed"
 MISSING_IMAGE = "missing_image"
 STATUSES = (OK, DECODE_FAILED, MISSING_IMAGE)
+
+# What an embedder records per shard in NNNNN.stats.json (besides the status counts, which every
+# write recomputes from the column); ``save_metadata`` carries these over to later saves.
+EMBED_STATS_KEYS = ("tar", "samples_in", "embedded", "extra_in_tar", "embed_seconds", "images_per_second", "first_error")

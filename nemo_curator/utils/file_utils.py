@@ -51,11 +51,21 @@ def write_parquet_atomic(df: pd.DataFrame | pa.Table, path: str | os.PathLike) -
     one-group files of embeddings would need twice their size in memory. Lists of floats
     (embeddings) are written without dictionary encoding, which cannot shrink them."""
     table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-    dictionary_columns = [field.name for field in table.schema if not _is_float_list(field.type)]
+    float_lists = {field.name for field in table.schema if _is_float_list(field.type)}
+    dictionary_columns = [path for path in _parquet_leaf_paths(table.schema) if path.split(".", 1)[0] not in float_lists]
     bytes_per_row = table.nbytes / max(table.num_rows, 1)
     rows_per_group = max(64, int(ROW_GROUP_BYTES // max(bytes_per_row, 1)))
     with atomic_write(path) as f:
         pq.write_table(table, f, use_dictionary=dictionary_columns, row_group_size=rows_per_group)
+
+
+def _parquet_leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet's dotted leaf column paths for ``schema`` (``tags.list.element`` for a list column):
+    the names ``use_dictionary`` matches. Read from the footer of an empty file written in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    parquet_schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return [parquet_schema.column(i).path for i in range(len(parquet_schema))]
 
 
 def _is_float_list(arrow_type) -> bool:

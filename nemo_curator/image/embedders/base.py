@@ -177,7 +177,7 @@ class ImageEmbedder(ABC):
         if not is_pandas:  # cuDF: go through Arrow so that embeddings become a list<float32> column
             from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
 
-            out = type(frame).from_arrow(partition_to_arrow(out))
+            out = type(frame).from_arrow(partition_to_arrow(out, compact_nulls=True))
         return out, stats
 
     def _output_frame(self, pdf, id_col: str, results: "RowResults", failed: dict[str, str]):
