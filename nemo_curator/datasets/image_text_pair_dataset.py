@@ -99,7 +99,7 @@ class ImageTextPairDataset:
         shard_stats: Sequence[Any] | None = None,
     ) -> "ImageTextPairDataset":
         """A new dataset over the same shards with new metadata (one partition per shard)."""
-        lineage = self._lineage_with_untracked() + ((lineage_step,) if lineage_step else ())
+        lineage = self.current_lineage() + ((lineage_step,) if lineage_step else ())
         stats = list(shard_stats) if shard_stats is not None else self.shard_stats
         return ImageTextPairDataset(self.path, metadata, self.tar_files, self.id_col, stats, lineage, self.metadata_files)
 
@@ -156,11 +156,11 @@ class ImageTextPairDataset:
             if missing:
                 raise KeyError(f"save_metadata: columns {missing} are not in the metadata; present: {list(self.metadata.columns)}")
         written = list(columns) if columns is not None else list(self.metadata.columns)
-        untracked = self.untracked_changes()
-        job = fingerprint({"operation": "save_metadata", "lineage": list(self.lineage), "id_col": self.id_col,
-                           "columns": written, "untracked_changes": untracked})
+        lineage = self.current_lineage()
+        job = fingerprint({"operation": "save_metadata", "lineage": list(lineage), "id_col": self.id_col,
+                           "columns": written})
         # stored stats describe the rows of the parquet read: not after a hand edit (rows may be filtered)
-        carry_stats = untracked is None and not any(step.startswith(UNTRACKED_STEP) for step in self.lineage)
+        carry_stats = not any(step.startswith(UNTRACKED_STEP) for step in lineage)
         os.makedirs(out_dir, exist_ok=True)
         parts = self.metadata.to_delayed()
         results: list[dict | None] = [None] * len(parts)
@@ -194,7 +194,7 @@ class ImageTextPairDataset:
             # to_webdataset) do not recompute the embeddings.
             backend = "pandas" if isinstance(self.metadata._meta, pd.DataFrame) else "cudf"
             parquets = [os.path.join(out_dir, os.path.basename(t)[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX) for t in self.tar_files]
-            self.lineage = self._lineage_with_untracked()  # a hand edit stays in the lineage of what was written
+            self.lineage = lineage  # a hand edit stays in the lineage of what was written
             self.metadata = _metadata_from_parquets(parquets, self.id_col, backend)
             self.metadata_files = parquets
             self._tracked_token = dask.base.tokenize(self.metadata)
@@ -216,9 +216,9 @@ class ImageTextPairDataset:
         path = self.metadata_files[i] if self.metadata_files is not None else tar[: -len(TAR_SUFFIX)] + PARQUET_SUFFIX
         return os.path.abspath(path)
 
-    def _lineage_with_untracked(self) -> tuple[str, ...]:
-        """The lineage, plus a step naming the hand edits of the metadata, if any, so that they
-        stay part of the fingerprints of every later operation."""
+    def current_lineage(self) -> tuple[str, ...]:
+        """The lineage, plus a step naming the hand edits of the metadata, if any
+        (``untracked=<token>``): what the resume fingerprints and every later operation hold."""
         untracked = self.untracked_changes()
         return self.lineage + ((f"{UNTRACKED_STEP}{untracked}",) if untracked else ())
 

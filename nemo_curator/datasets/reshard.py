@@ -87,9 +87,8 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
     inputs = [_input_identity(tar, dataset.metadata_file(i), s) for i, (tar, s) in enumerate(zip(dataset.tar_files, summaries))]
     params = {"filter_column": filter_column, "samples_per_shard": samples_per_shard, "max_shards": max_shards,
               "old_id_col": old_id_col}
-    job = fingerprint({"operation": "to_webdataset", "lineage": list(dataset.lineage), "id_col": id_col,
-                       "columns": list(metadata.columns), "untracked_changes": dataset.untracked_changes(), **params,
-                       "inputs": inputs})
+    job = fingerprint({"operation": "to_webdataset", "lineage": list(dataset.current_lineage()), "id_col": id_col,
+                       "columns": list(metadata.columns), **params, "inputs": inputs})
     if existing and not overwrite and previous_job.get("job") != job:
         raise FileExistsError(_exists_message(out_dir, existing, "written by a different to_webdataset job (another "
                                               "pipeline, filter, parameters or input files)"))
@@ -98,7 +97,7 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
             if os.path.exists(os.path.join(out_dir, name)):
                 os.unlink(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic({"job": job, "lineage": list(dataset.lineage), **params, "output_shards": len(plan)},
+    write_json_atomic({"job": job, "lineage": list(dataset.current_lineage()), **params, "output_shards": len(plan)},
                       os.path.join(out_dir, JOB_FILE_NAME))
 
     input_table = [{"shard": os.path.basename(t)[: -len(TAR_SUFFIX)], "rows": s["rows"], "kept": s["kept"]}
