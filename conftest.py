@@ -8,8 +8,8 @@ import pytest
 
 ROOT = Path(__file__).parent
 SHARED = Path(os.environ.get("NEMO_CURATOR_SHARED", ROOT.parent / "shared"))
-MODEL_NAME = "vit_large_patch14_clip_quickgelu_224.openai"
-TINY_MODEL_KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+from nemo_curator.utils.constants import DEFAULT_MODEL as MODEL_NAME  # noqa: E402
+from nemo_curator.utils.constants import TINY_MODEL_KWARGS  # noqa: E402
 
 
 def cuda_available() -> bool:
@@ -67,3 +67,17 @@ def client():
 @pytest.fixture(scope="session")
 def tiny_model_kwargs() -> dict:
     return dict(TINY_MODEL_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny CLIP-shaped model with fixed random weights, saved as safetensors (weights with an identity)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL_NAME, pretrained=False, **TINY_MODEL_KWARGS)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

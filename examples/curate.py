@@ -15,16 +15,13 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from nemo_curator import get_client
 from nemo_curator.datasets import ImageTextPairDataset
-from nemo_curator.image.classifiers import AestheticClassifier, NsfwClassifier
+from nemo_curator.image.classifiers import AestheticClassifier, NsfwClassifier, write_random_heads
 from nemo_curator.image.embedders import TimmImageEmbedder
-from nemo_curator.report import default_thresholds, make_report
-from nemo_curator.scripts.models import cpu_has_fast_bf16
-
-MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
+from nemo_curator.report import default_thresholds, make_report, quantile_thresholds
+from nemo_curator.utils.constants import DEFAULT_MODEL, SMOKE_WARNING, TINY_MODEL_KWARGS
+from nemo_curator.utils.device import cuda_available
 
 
 def parse_args(argv=None):
@@ -34,15 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--scheduler-file", help="JSON file of a running `dask scheduler --scheduler-file`")
     p.add_argument("--scheduler-address", help="address of a running scheduler, e.g. tcp://10.0.0.1:8786")
     p.add_argument("--wait-for-workers", type=int, default=1, help="with a running cluster: workers to wait for")
-    p.add_argument("--batch-size", type=int, default=256 if torch.cuda.is_available() else 32)
-    p.add_argument("--threads", type=int, default=4, help="DALI threads per worker")
+    p.add_argument("--batch-size", type=int, default=256 if cuda_available() else 32)
+    p.add_argument("--threads", type=int, help="DALI threads per worker (default: the cores per worker)")
     p.add_argument("--aesthetic-threshold", type=float, default=6.0, help="keep aesthetic_score above it")
     p.add_argument("--nsfw-threshold", type=float, default=0.5, help="keep nsfw_score below it")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", dest="bf16", action="store_true", help="bf16 autocast")
-    precision.add_argument("--fp32", dest="bf16", action="store_false", help="no autocast")
-    # Default: bf16 on a GPU, or on a CPU with bf16 hardware; emulated bf16 (AVX2 CPUs) is much slower than fp32.
-    p.set_defaults(bf16=torch.cuda.is_available() or cpu_has_fast_bf16())
+    # auto: bf16 where the hardware computes it (GPUs, AVX512-BF16/AMX CPUs), decided on each worker
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny random model and random heads (offline; scores mean nothing)")
     return p.parse_args(argv)
 
@@ -53,18 +47,16 @@ def connect(args):
         client = get_client(scheduler_file=args.scheduler_file, scheduler_address=args.scheduler_address)
         client.wait_for_workers(args.wait_for_workers, timeout=600)
         return client
-    return get_client(cluster_type="gpu" if torch.cuda.is_available() else "cpu")
+    return get_client(cluster_type="auto")  # GPU workers when this machine has a GPU and dask-cuda
 
 
 def models(args, scratch: str) -> tuple[dict, list]:
     """(embedder arguments, heads): the real ones, or with --smoke a tiny random model and random heads."""
     if not args.smoke:
         return dict(pretrained=True), [AestheticClassifier(), NsfwClassifier()]  # weights downloaded once
-    from nemo_curator.scripts.models import SMOKE_MODEL_KWARGS, SMOKE_WARNING, write_random_heads
-
     print(SMOKE_WARNING)
     heads = write_random_heads(scratch)
-    return (dict(pretrained=False, model_kwargs=SMOKE_MODEL_KWARGS),
+    return (dict(pretrained=False, model_kwargs=TINY_MODEL_KWARGS),
             [AestheticClassifier(model_path=heads["aesthetic"]), NsfwClassifier(model_path=heads["nsfw"])])
 
 
@@ -75,15 +67,14 @@ def main(argv=None) -> dict:
     try:
         model_args, heads = models(args, scratch)
         dataset = ImageTextPairDataset.from_webdataset(path=args.input, id_col="key")
-        embedder = TimmImageEmbedder(MODEL, batch_size=args.batch_size, num_threads_per_worker=args.threads,
-                                     normalize_embeddings=True, classifiers=heads, autocast=args.bf16, **model_args)
+        embedder = TimmImageEmbedder(DEFAULT_MODEL, batch_size=args.batch_size, num_threads_per_worker=args.threads,
+                                     normalize_embeddings=True, classifiers=heads, precision=args.precision,
+                                     **model_args)
         dataset = embedder(dataset)        # lazy: a Dask graph, one task per shard
         dataset.save_metadata()            # runs it (a rerun skips the shards already written); from now
                                            # on `dataset` reads the saved parquets
         if args.smoke:  # random heads: cut at score quantiles so that some samples are kept and some dropped
-            from nemo_curator.scripts.demo import smoke_thresholds
-
-            thresholds = smoke_thresholds(dataset)
+            thresholds = quantile_thresholds(dataset, {"aesthetic_score": 0.4, "nsfw_score": 0.8})
         else:
             thresholds = default_thresholds(args.aesthetic_threshold, args.nsfw_threshold)
         aesthetic, nsfw = (t.value for t in thresholds)

@@ -4,8 +4,10 @@
 per worker, embeddings and scores joined to the metadata rows BY ID, ``image_status`` per row and
 per-shard statistics. A subclass only says how to read a shard and how to build the model:
 
-- ``load_dataset_shard(tar_path)`` yields ``(batch, metadata)``: a float tensor (N, 3, H, W) on the
-  model's device, and N dicts that each hold the sample's id under ``"__key__"`` (or the id column);
+- ``iter_shard(tar_path, wanted_ids, id_col, device)`` yields ``ShardItems``: a float tensor
+  (N, 3, H, W) on ``device`` with its N ids, or ids that could not be used with their status
+  (``decode_failed``, ``missing_image``); the legacy ``load_dataset_shard(tar_path)`` of NeMo Curator
+  0.x (``(batch, metadata)`` pairs) still works in its place;
 - ``load_embedding_model(device)`` returns a callable mapping a batch to (N, D) embeddings.
 
 Run it on a sample dataset (``--smoke``: a tiny random CLIP-shaped model and random heads, offline)::
@@ -27,7 +29,9 @@ from torchvision import transforms
 from nemo_curator import get_client
 from nemo_curator.datasets import ImageTextPairDataset
 from nemo_curator.image.embedders import ImageEmbedder
-from nemo_curator.utils.webdataset import DEFAULT_IMAGE_EXTENSIONS, iter_tar_samples, read_member_bytes
+from nemo_curator.image.shard_reader import ShardItems
+from nemo_curator.utils.constants import DECODE_FAILED, EXTRA_IN_TAR, MISSING_IMAGE
+from nemo_curator.utils.webdataset import iter_tar_samples, pick_image_member, read_member_bytes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,36 +72,39 @@ class PilTimmImageEmbedder(ImageEmbedder):
     def normalize(self, embeddings):
         return torch.nn.functional.normalize(embeddings.float(), dim=-1)  # the heads expect unit vectors
 
-    def load_dataset_shard(self, tar_path: str) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-        """Yield batches of (N, 3, image_size, image_size) tensors with ``{"__key__": id}`` per image.
-
-        An image that PIL cannot decode is skipped: its row gets ``image_status="missing_image"``
-        (override ``iter_shard``, as TimmImageEmbedder does, to report ``decode_failed`` instead).
-        """
+    def iter_shard(self, tar_path: str, wanted_ids, id_col: str, device: str) -> Iterator[ShardItems]:
+        """Yield batches of (N, 3, image_size, image_size) tensors on ``device`` with their ids; an
+        image that PIL cannot decode is reported ``decode_failed``, a sample without an image
+        ``missing_image``, samples without a metadata row ``extra_in_tar``."""
         preprocess = transforms.Compose([
             transforms.Resize(self.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(self.image_size),
             transforms.ToTensor(),
             transforms.Normalize(CLIP_MEAN, CLIP_STD),
         ])
-        device = self.worker_device()
-        images, metadata = [], []
+        images, ids, seen = [], [], set()
         with open(tar_path, "rb") as f:
             for key, members in iter_tar_samples(tar_path):
-                member = next((m for m in members if m.ext in DEFAULT_IMAGE_EXTENSIONS), None)
+                if key not in wanted_ids or key in seen:  # no metadata row, or a key repeated in the tar
+                    yield ShardItems(None, [key], EXTRA_IN_TAR)
+                    continue
+                seen.add(key)
+                member = pick_image_member(members)
                 if member is None:
+                    yield ShardItems(None, [key], MISSING_IMAGE)
                     continue
                 try:
                     image = Image.open(io.BytesIO(read_member_bytes(f, member))).convert("RGB")
-                except (UnidentifiedImageError, OSError):
+                except (UnidentifiedImageError, OSError) as err:
+                    yield ShardItems(None, [key], DECODE_FAILED, f"{type(err).__name__}: {err}")
                     continue
                 images.append(preprocess(image))
-                metadata.append({"__key__": key})
+                ids.append(key)
                 if len(images) == self.batch_size:
-                    yield torch.stack(images).to(device), metadata
-                    images, metadata = [], []
+                    yield ShardItems(torch.stack(images).to(device), ids)
+                    images, ids = [], []
         if images:
-            yield torch.stack(images).to(device), metadata
+            yield ShardItems(torch.stack(images).to(device), ids)
 
 
 def main(argv=None):
@@ -112,12 +119,13 @@ def main(argv=None):
     client = get_client(scheduler_address=args.scheduler_address) if args.scheduler_address else get_client("cpu")
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
-            from nemo_curator.scripts.models import SMOKE_MODEL_KWARGS, SMOKE_WARNING, write_random_heads
+            from nemo_curator.image.classifiers import write_random_heads
+            from nemo_curator.utils.constants import SMOKE_WARNING, TINY_MODEL_KWARGS
 
             print(SMOKE_WARNING)
             heads = write_random_heads(scratch)
             embedder = PilTimmImageEmbedder("vit_large_patch14_clip_quickgelu_224.openai", pretrained=False,
-                                            model_kwargs=SMOKE_MODEL_KWARGS, batch_size=8,
+                                            model_kwargs=TINY_MODEL_KWARGS, batch_size=8,
                                             classifiers=[AestheticClassifier(model_path=heads["aesthetic"]),
                                                          NsfwClassifier(model_path=heads["nsfw"])])
         else:

@@ -14,8 +14,11 @@ import re
 import numpy as np
 import pandas as pd
 
-DEFAULT_FILTER = "aesthetic_score > 6 and nsfw_score < 0.5"
-DEFAULT_KEEP_COLUMN = "keep"
+from nemo_curator.utils.constants import DEFAULT_FILTER, KEEP_COLUMN
+from nemo_curator.utils.frames import object_columns, to_pandas
+from nemo_curator.utils.resume import LineageStep
+
+DEFAULT_KEEP_COLUMN = KEEP_COLUMN
 
 _ALLOWED_NODES = (
     ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Name, ast.Load, ast.Constant, ast.List,
@@ -57,7 +60,7 @@ def evaluate_filter(frame, expr: str) -> pd.Series:
     ``frame``: pandas or cuDF. Nullable booleans count as False where null.
     """
     check_expression(expr)
-    pdf = frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()
+    pdf = to_pandas(frame)
     try:
         result = pdf.eval(expr.strip())
     except NameError as err:  # pandas' UndefinedVariableError
@@ -83,11 +86,11 @@ def add_filter_column(dataset, expr: str, column: str = DEFAULT_KEEP_COLUMN):
     here, before anything is computed.
     """
     meta = dataset.metadata._meta
-    meta_pd = meta if isinstance(meta, pd.DataFrame) else meta.to_pandas()
-    evaluate_filter(meta_pd, expr)
+    evaluate_filter(to_pandas(meta), expr)
     new_meta = meta.assign(**{column: np.array([], dtype=bool)})
-    metadata = dataset.metadata.map_partitions(_with_filter_column, expr, column, meta=new_meta)
-    return dataset.with_metadata(metadata, lineage_step=f"filter:{column}={expr.strip()}")
+    with object_columns():
+        metadata = dataset.metadata.map_partitions(_with_filter_column, expr, column, meta=new_meta)
+    return dataset.with_metadata(metadata, lineage_step=LineageStep("filter", f"{column}={expr.strip()}"))
 
 
 def _with_filter_column(frame, expr: str, column: str):

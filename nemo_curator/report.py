@@ -17,12 +17,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from nemo_curator.datasets.image_text_pair_dataset import RUN_SUMMARY_NAME
 from nemo_curator.filtering import evaluate_filter, expression_columns
-from nemo_curator.image.status import OK, STATUS_COLUMN, STATUSES
+from nemo_curator.utils.constants import (AESTHETIC_COLUMN, DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_NSFW_THRESHOLD,
+                                          KEEP_COLUMN, NSFW_COLUMN, OK, STATUS_COLUMN, STATUSES)
 from nemo_curator.utils.file_utils import atomic_write, write_json_atomic
+from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.resume import read_json
-from nemo_curator.utils.webdataset import DEFAULT_IMAGE_EXTENSIONS, find_shards, iter_tar_samples, read_member_bytes
+from nemo_curator.utils.stats import RUN_SUMMARY_NAME
+from nemo_curator.utils.webdataset import find_shards, iter_tar_samples, pick_image_member, read_member_bytes
 
 TAR_COLUMN = "_tar"  # added by load_scores: the shard each row comes from
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -41,9 +43,22 @@ class Threshold:
         return f"{self.column} {'>' if self.keep_above else '<'} {self.value:g}"
 
 
-def default_thresholds(aesthetic: float = 6.0, nsfw: float = 0.5) -> list[Threshold]:
+def default_thresholds(aesthetic: float = DEFAULT_AESTHETIC_THRESHOLD, nsfw: float = DEFAULT_NSFW_THRESHOLD) -> list[Threshold]:
     """Keep ``aesthetic_score > aesthetic`` (AVA 1-10 scale; 5, 6, 6.5 are common) and ``nsfw_score < nsfw`` (0-1)."""
-    return [Threshold("aesthetic_score", float(aesthetic), True), Threshold("nsfw_score", float(nsfw), False)]
+    return [Threshold(AESTHETIC_COLUMN, float(aesthetic), True), Threshold(NSFW_COLUMN, float(nsfw), False)]
+
+
+def quantile_thresholds(dataset, quantiles: Mapping[str, float]) -> list[Threshold]:
+    """The default cuts moved to quantiles of the dataset's own scores (``{column: q}``), so that a
+    filter keeps some rows and drops others whatever the scale (smoke runs with random heads).
+    Computes only the score columns."""
+    scores = to_pandas(dataset.metadata[list(quantiles)].compute())
+    cuts = []
+    for t in default_thresholds():
+        values = scores[t.column].dropna().to_numpy(dtype=np.float64)
+        value = float(np.quantile(values, quantiles[t.column])) if len(values) else t.value
+        cuts.append(Threshold(t.column, float(f"{value:.6g}"), t.keep_above))
+    return cuts
 
 
 def thresholds_expression(thresholds: Sequence[Threshold]) -> str:
@@ -103,7 +118,7 @@ def make_report(source, output_dir: str | os.PathLike | None = None, *, curated:
                **_throughput(read_json(os.path.join(folder, RUN_SUMMARY_NAME)))}
     if curated is not None:
         summary.update(_curated_summary(curated))
-    scores = score_quantiles(frame, [c for c in ("aesthetic_score", "nsfw_score") if c in frame.columns])
+    scores = score_quantiles(frame, [c for c in (AESTHETIC_COLUMN, NSFW_COLUMN) if c in frame.columns])
     text = format_report(summary, scores, title)
     report = Report(summary=summary, scores=scores, frame=frame, text=text)
     if output_dir is not None:
@@ -117,28 +132,37 @@ def load_scores(source, extra_columns: Sequence[str] = (), id_col: str = "key") 
     Columns read when present: ``id_col``, ``image_status``, ``aesthetic_score``, ``nsfw_score``,
     ``keep`` and ``extra_columns``. ``source``: a dataset folder or an ``ImageTextPairDataset``.
     """
-    wanted = list(dict.fromkeys([id_col, STATUS_COLUMN, "aesthetic_score", "nsfw_score", "keep", *extra_columns]))
+    wanted = list(dict.fromkeys([id_col, STATUS_COLUMN, AESTHETIC_COLUMN, NSFW_COLUMN, KEEP_COLUMN, *extra_columns]))
     if isinstance(source, (str, os.PathLike)):
         import pyarrow.parquet as pq
 
+        shards = find_shards(source)
+        schemas = [pq.read_schema(shard.parquet).names for shard in shards]
+        _check_columns(extra_columns, list(dict.fromkeys(n for names in schemas for n in names)), os.fspath(source))
         frames = []
-        for shard in find_shards(source):
-            names = pq.read_schema(shard.parquet).names
+        for shard, names in zip(shards, schemas):
             table = pq.read_table(shard.parquet, columns=[c for c in wanted if c in names])
             frames.append(table.to_pandas().assign(**{TAR_COLUMN: shard.tar}))
         frame = pd.concat(frames, ignore_index=True)
     else:
+        _check_columns(extra_columns, list(source.metadata.columns), source.path)  # before any work is computed
         columns = [c for c in wanted if c in source.metadata.columns]
         meta = source.metadata._meta[columns].assign(**{TAR_COLUMN: pd.Series([], dtype=object)})
         tagged = source.map_shards(_TagShard(columns), meta=meta, lineage_step="report-columns", name="report-columns")
         frame = tagged.metadata.compute()
-        frame = (frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()).reset_index(drop=True)
-    missing = [c for c in extra_columns if c not in frame.columns]
-    if missing:
-        raise KeyError(f"columns {missing} are not in the metadata of {source}; its columns are {list(frame.columns)}")
+        frame = to_pandas(frame).reset_index(drop=True)
     if id_col in frame.columns:
         frame[id_col] = frame[id_col].astype(str)
     return frame
+
+
+def _check_columns(needed: Sequence[str], available: Sequence[str], where: str) -> None:
+    """KeyError naming the ``needed`` columns (of a filter expression) that the dataset lacks, and
+    the dataset's columns that can be used instead (all of them, not only those a report reads)."""
+    missing = [c for c in needed if c not in available]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the metadata of {where}; the columns you can use are "
+                       f"{list(available)}")
 
 
 class _TagShard:
@@ -287,24 +311,62 @@ def plot_score_histograms(frame: pd.DataFrame, columns: Sequence[str], threshold
     for ax, col in zip(axes, columns):
         values = frame[col].to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
-        ax.hist(finite, bins=bins, color="#4C72B0", edgecolor="white")
+        cut = cuts.get(col)
+        view = _histogram_view(finite, None if cut is None else cut.value)
+        ax.hist(finite, bins=bins, range=None if view is None else view[0], color="#4C72B0", edgecolor="white")
         ax.set_xlabel(col)
         ax.set_ylabel("images")
         ax.set_title(f"{col}: {len(finite)} scored, {len(values) - len(finite)} failed (NaN)")
-        cut = cuts.get(col)
+        if view is not None:
+            ax.set_xlim(*view[1])  # fixed: the lines and spans below do not rescale the axis
+            ax.locator_params(axis="x", nbins=6)  # tiny ranges have long tick labels
         if cut is not None:
             kept = int((finite > cut.value).sum() if cut.keep_above else (finite < cut.value).sum())
+            lo, hi = ax.get_xlim()
             ax.axvline(cut.value, color="#C44E52", linewidth=2, label=f"keep {cut.condition}: {kept}")
-            ax.axvspan(cut.value, ax.get_xlim()[1] if cut.keep_above else ax.get_xlim()[0], color="#55A868", alpha=0.12)
+            edge = hi if cut.keep_above else lo
+            if (edge - cut.value) * (1 if cut.keep_above else -1) > 0:  # some of the kept side is on the axis
+                ax.axvspan(max(lo, min(hi, cut.value)), edge, color="#55A868", alpha=0.12)
+            if not lo <= cut.value <= hi:  # far from every score: name it at the edge it lies beyond
+                right = cut.value > hi
+                ax.text(0.98 if right else 0.02, 0.8, f"cut at {cut.value:g} {'→' if right else '←'}",
+                        transform=ax.transAxes, ha="right" if right else "left", va="center", color="#C44E52",
+                        bbox={"facecolor": "white", "edgecolor": "#C44E52", "alpha": 0.9})
+            ax.set_xlim(lo, hi)
             ax.legend(loc="upper right")
     if title:
         fig.suptitle(title, color="#C44E52" if "SMOKE" in title else "black")
     return fig
 
 
+_HIST_MARGIN = 0.05  # of the scores' range, on each side of the axis
+_THRESHOLD_REACH = 3.0  # a threshold is brought onto the axis if that widens it at most this many times
+
+
+def _histogram_view(finite: np.ndarray, cut: float | None) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """(the bins' range, the axis limits) for a histogram of ``finite`` scores; None without scores.
+
+    The bins span the scores (equal scores: a padding of 5% of their magnitude, at least 0.05), so
+    scores in a tiny range still fill the bins. The axis adds a margin and reaches out to ``cut``
+    when it is near the scores; a far one stays off the axis (the caller names it at the edge)."""
+    if not len(finite):
+        return None
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi - lo <= 1e-12 * max(abs(lo), 1.0):
+        pad = _HIST_MARGIN * max(abs(lo), 1.0)
+        lo, hi = lo - pad, hi + pad
+    margin = _HIST_MARGIN * (hi - lo)
+    view = (lo - margin, hi + margin)
+    if cut is not None and not view[0] <= cut <= view[1]:
+        widened = (min(view[0], cut - margin), max(view[1], cut + margin))
+        if widened[1] - widened[0] <= _THRESHOLD_REACH * (view[1] - view[0]):
+            view = widened
+    return (lo, hi), view
+
+
 def example_groups(frame: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
     """Up to ``n`` kept rows (highest aesthetic first) and ``n`` dropped rows, for ``plot_image_grid``."""
-    order = "aesthetic_score" if "aesthetic_score" in frame.columns else None
+    order = AESTHETIC_COLUMN if AESTHETIC_COLUMN in frame.columns else None
     kept, dropped = frame[frame["keep"]], frame[~frame["keep"]]
     if order:
         kept = kept.sort_values(order, ascending=False)
@@ -313,7 +375,7 @@ def example_groups(frame: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
 
 
 def plot_image_grid(groups: Mapping[str, pd.DataFrame], id_col: str = "key", title: str | None = None,
-                    label_columns: Sequence[str] = ("aesthetic_score", "nsfw_score")):
+                    label_columns: Sequence[str] = (AESTHETIC_COLUMN, NSFW_COLUMN)):
     """A Figure with one row of thumbnails per group; rows need ``id_col`` and ``_tar`` (see ``load_scores``).
 
     Each thumbnail is titled with its id and the ``label_columns`` present; an image that cannot be
@@ -352,13 +414,12 @@ def read_images(tar_path: str, ids: Sequence[str]) -> dict[str, bytes]:
     """``{id: image bytes}`` for the wanted ids found in one tar (first image extension in
     ``DEFAULT_IMAGE_EXTENSIONS`` order); ids without an image are left out."""
     wanted = {str(i) for i in ids}
-    rank = {ext: r for r, ext in enumerate(DEFAULT_IMAGE_EXTENSIONS)}
     found: dict[str, bytes] = {}
     with open(tar_path, "rb") as f:
         for key, members in iter_tar_samples(tar_path):
-            images = sorted((m for m in members if m.ext in rank), key=lambda m: rank[m.ext])
-            if key in wanted and key not in found and images:
-                found[key] = read_member_bytes(f, images[0])
+            image = pick_image_member(members)
+            if key in wanted and key not in found and image is not None:
+                found[key] = read_member_bytes(f, image)
     return found
 
 
@@ -377,5 +438,5 @@ def _thumbnail(data: bytes | None, size: int = 256):
 
 
 __all__ = ["Report", "Threshold", "default_thresholds", "example_groups", "format_report", "load_scores",
-           "make_report", "plot_image_grid", "plot_score_histograms", "read_images", "score_quantiles",
-           "thresholds_expression"]
+           "make_report", "plot_image_grid", "plot_score_histograms", "quantile_thresholds", "read_images",
+           "score_quantiles", "thresholds_expression"]

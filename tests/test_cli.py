@@ -21,7 +21,7 @@ from nemo_curator.filtering import (FilterExpressionError, add_filter_column, ch
 from nemo_curator.image.classifiers import AestheticMLP
 from nemo_curator.report import _throughput
 from nemo_curator.scripts.cli import build_parser, main
-from nemo_curator.scripts.models import write_random_heads
+from nemo_curator.image.classifiers import write_random_heads
 from nemo_curator.utils.webdataset import read_dali_index
 
 CLI = str(Path(sys.executable).with_name("nemo-curator-image"))
@@ -44,11 +44,11 @@ def heads(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory, address, heads, tiny_model_kwargs) -> Path:
+def embedded(tmp_path_factory, address, heads, tiny_model_kwargs, tiny_checkpoint) -> Path:
     """A 2-shard sample dataset (with DALI index files), embedded and scored by the CLI."""
     data = tmp_path_factory.mktemp("cli") / "data"
     assert main(["sample", str(data), "--shards", "2", "--samples-per-shard", "5", "--index"]) == 0
-    code = main(["embed", str(data), "--scheduler-address", address, "--no-pretrained",
+    code = main(["embed", str(data), "--scheduler-address", address, "--checkpoint", tiny_checkpoint,
                  "--model-kwargs", json.dumps(tiny_model_kwargs), "--batch-size", "4", "--threads", "1",
                  "--use-index-files", "--aesthetic-weights", heads["aesthetic"], "--nsfw-weights", heads["nsfw"]])
     assert code == 0
@@ -155,12 +155,39 @@ def test_embed_writes_embeddings_status_and_both_scores(embedded, capsys):
     assert sorted(p.name for p in embedded.glob("*.idx")) == ["00000.idx", "00001.idx"]
 
 
-def test_embed_rerun_resumes(embedded, address, heads, tiny_model_kwargs, capsys):
-    code = main(["embed", str(embedded), "--scheduler-address", address, "--no-pretrained",
+def test_embed_rerun_resumes(embedded, address, heads, tiny_model_kwargs, tiny_checkpoint, capsys):
+    code = main(["embed", str(embedded), "--scheduler-address", address, "--checkpoint", tiny_checkpoint,
                  "--model-kwargs", json.dumps(tiny_model_kwargs), "--batch-size", "4", "--threads", "1",
                  "--use-index-files", "--aesthetic-weights", heads["aesthetic"], "--nsfw-weights", heads["nsfw"]])
     assert code == 0
     assert "(2 already done)" in capsys.readouterr().out
+
+
+def test_embed_rerun_with_random_weights_or_replaced_checkpoint_redoes_every_shard(
+        tmp_path, address, heads, tiny_model_kwargs, tiny_checkpoint, capsys):
+    """Weights without an identity (random) never resume; a checkpoint replaced at the same path is noticed."""
+    data = tmp_path / "data"
+    assert main(["sample", str(data), "--shards", "2", "--samples-per-shard", "3"]) == 0
+    checkpoint = str(shutil.copy(tiny_checkpoint, tmp_path / "model.safetensors"))
+    common = ["--scheduler-address", address, "--model-kwargs", json.dumps(tiny_model_kwargs), "--batch-size", "4",
+              "--threads", "1", "--aesthetic-weights", heads["aesthetic"], "--nsfw-weights", heads["nsfw"]]
+    for _ in range(2):
+        assert main(["embed", str(data), "--no-pretrained", *common]) == 0
+        assert "(0 already done)" in capsys.readouterr().out
+    assert main(["embed", str(data), "--checkpoint", checkpoint, *common]) == 0
+    assert "(0 already done)" in capsys.readouterr().out
+    assert main(["embed", str(data), "--checkpoint", checkpoint, *common]) == 0
+    assert "(2 already done)" in capsys.readouterr().out
+    before = np.stack(pd.read_parquet(data / "00000.parquet")["image_embedding"].to_list())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint)
+    weights = {k: v * 1.5 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, checkpoint)  # other weights at the same path
+    assert main(["embed", str(data), "--checkpoint", checkpoint, *common]) == 0
+    assert "(0 already done)" in capsys.readouterr().out
+    after = np.stack(pd.read_parquet(data / "00000.parquet")["image_embedding"].to_list())
+    assert np.abs(after - before).max() > 1e-3  # the workers loaded the new weights, not their cached model
 
 
 def test_score_rescores_the_embedding_column_with_other_weights(embedded, address, tmp_path):
@@ -339,13 +366,17 @@ def test_console_script_demo_smoke_starts_and_stops_its_own_cluster(tmp_path):
     assert not [line for line in result.stderr.splitlines() if line.startswith("INFO ")]  # logging kept quiet
 
 
-def test_precision_auto_avoids_emulated_bf16_on_local_cpu_clusters():
-    from nemo_curator.scripts.cli import _autocast
-    from nemo_curator.scripts.models import cpu_has_fast_bf16
+def test_precision_auto_avoids_emulated_bf16_on_cpus():
+    """--precision goes to the embedder as it is and is decided on each worker, by its hardware."""
+    from nemo_curator.scripts.demo import build_embedder
+    from nemo_curator.utils.device import cpu_has_fast_bf16
 
-    parse = build_parser().parse_args
-    assert _autocast(parse(["embed", "d"]), "gpu") is True
-    assert _autocast(parse(["embed", "d"]), "remote") is True
-    assert _autocast(parse(["embed", "d"]), "cpu") is cpu_has_fast_bf16()
-    assert _autocast(parse(["embed", "d", "--precision", "bf16"]), "cpu") is True
-    assert _autocast(parse(["embed", "d", "--precision", "fp32"]), "gpu") is False
+    def embedder(argv):
+        args = build_parser().parse_args(argv)
+        return build_embedder(args.model, pretrained=False, model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2},
+                              precision=args.precision)
+
+    assert embedder(["embed", "d"]).uses_bf16("cuda") is True
+    assert embedder(["embed", "d"]).uses_bf16("cpu") is cpu_has_fast_bf16()
+    assert embedder(["embed", "d", "--precision", "bf16"]).uses_bf16("cpu") is True
+    assert embedder(["embed", "d", "--precision", "fp32"]).uses_bf16("cuda") is False

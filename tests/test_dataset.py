@@ -162,7 +162,7 @@ def test_cudf_backend_reads_and_saves(dataset_dir):
 
 
 def test_embedding_rows_of_one_matrix_reach_arrow_without_a_copy():
-    from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
+    from nemo_curator.utils.arrow import partition_to_arrow
 
     matrix = np.arange(12, dtype=np.float32).reshape(4, 3)
     rows = [matrix[0], None, matrix[2], matrix[3]]
@@ -184,7 +184,7 @@ def test_parquet_of_embeddings_in_bounded_row_groups_without_dictionary(tmp_path
     emb = np.random.default_rng(0).random((n, 768), dtype=np.float32)
     frame = pd.DataFrame({"key": [f"{i:05d}" for i in range(n)], "caption": ["same"] * n, "emb": list(emb),
                           "tags": [["a", "b"]] * n})
-    from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
+    from nemo_curator.utils.arrow import partition_to_arrow
 
     write_parquet_atomic(partition_to_arrow(frame), tmp_path / "x.parquet")
     meta = pq.ParquetFile(tmp_path / "x.parquet").metadata

@@ -1,6 +1,7 @@
 """Weights download and verification against a real local HTTP server (no network needed)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import socket
@@ -19,6 +20,7 @@ from nemo_curator.utils.download import (
     WeightsDownloadError,
     cache_dir,
     cached_path,
+    explicit_url,
     fetch_weights,
     load_weights,
     sha256_file,
@@ -269,3 +271,67 @@ def test_nsfw_model_path_may_be_the_upstream_zip(shared_dir, tmp_path, home):
     state = load_weights(NSFW_WEIGHTS, model_path=path)
     reference = torch.load(original, map_location="cpu", weights_only=True)
     assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mirrors: an explicit URL is used even offline; a mirror may serve the .pth or the upstream zip
+def test_explicit_url_is_the_argument_or_the_environment_variable(home, monkeypatch):
+    assert explicit_url(NSFW_WEIGHTS) is None and explicit_url(AESTHETIC_WEIGHTS) is None
+    monkeypatch.setenv("NEMO_CURATOR_WEIGHTS_URL_NSFW", "http://mirror.internal/nsfw.zip")
+    assert explicit_url(NSFW_WEIGHTS) == "http://mirror.internal/nsfw.zip"
+    assert explicit_url(NSFW_WEIGHTS, url="http://other/x.pth") == "http://other/x.pth"
+    assert explicit_url(AESTHETIC_WEIGHTS) is None
+    monkeypatch.setenv("NEMO_CURATOR_WEIGHTS_URL_AESTHETIC", "")  # empty: not set
+    assert explicit_url(AESTHETIC_WEIGHTS) is None
+
+
+def test_mirror_is_used_even_when_the_hub_is_offline(shared_dir, server, home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    original = (shared_dir / "weights" / AESTHETIC_WEIGHTS.filename).read_bytes()
+    server.routes["/mirror/a.pth"] = ("bytes", original)
+    monkeypatch.setenv("NEMO_CURATOR_WEIGHTS_URL_AESTHETIC", server.url("/mirror/a.pth"))
+    assert fetch_weights(AESTHETIC_WEIGHTS, offline=True).read_bytes() == original
+    assert server.requests == ["/mirror/a.pth"]
+
+
+def test_offline_without_a_mirror_makes_no_request_and_says_so(server, home):
+    with pytest.raises(WeightsDownloadError, match="offline") as info:
+        fetch_weights(NSFW_WEIGHTS, offline=True)
+    assert "NEMO_CURATOR_WEIGHTS_URL_NSFW" in str(info.value) and "model_path=" in str(info.value)
+    assert cache_listing() == [] and server.requests == []
+
+
+@pytest.mark.parametrize("route", ["/mirror/clip_autokeras_binary_nsfw.pth", "/mirror/looks-like-a.zip"])
+def test_mirror_may_serve_the_nsfw_pth_itself(shared_dir, server, home, monkeypatch, route):
+    """Told apart from the upstream zip by its content (a torch file), not by the URL."""
+    original = (shared_dir / "weights" / NSFW_WEIGHTS.filename).read_bytes()
+    server.routes[route] = ("bytes", original)
+    monkeypatch.setenv("NEMO_CURATOR_WEIGHTS_URL_NSFW", server.url(route))
+    path = fetch_weights(NSFW_WEIGHTS)
+    assert path.read_bytes() == original and sha256_file(path) == NSFW_WEIGHTS.sha256
+    assert cache_listing() == [NSFW_WEIGHTS.filename]
+    NsfwMLP().load_state_dict(load_weights(NSFW_WEIGHTS))
+
+
+def test_upstream_zip_under_a_pth_url_is_still_extracted(shared_dir, server, home):
+    original = (shared_dir / "weights" / NSFW_WEIGHTS.filename).read_bytes()
+    server.routes["/nsfw.pth"] = ("bytes", zip_bytes({NSFW_WEIGHTS.archive_member: original}))
+    assert fetch_weights(NSFW_WEIGHTS, url=server.url("/nsfw.pth")).read_bytes() == original
+
+
+def test_pth_from_a_mirror_is_checked_against_the_sha256(server, home):
+    wrong = state_dict_bytes(NsfwMLP().state_dict())  # the right layout, other values
+    server.routes["/nsfw.pth"] = ("bytes", wrong)
+    with pytest.raises(WeightsDownloadError, match="sha256"):
+        fetch_weights(NSFW_WEIGHTS, url=server.url("/nsfw.pth"))
+    assert cache_listing() == []
+
+
+def test_legacy_pickle_pth_is_accepted_from_a_mirror(server, home):
+    """torch.save(..., _use_new_zipfile_serialization=False) files are not zips at all."""
+    buf = io.BytesIO()
+    torch.save(NsfwMLP().state_dict(), buf, _use_new_zipfile_serialization=False)
+    spec = dataclasses.replace(NSFW_WEIGHTS, sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    server.routes["/legacy.pth"] = ("bytes", buf.getvalue())
+    assert fetch_weights(spec, url=server.url("/legacy.pth")).read_bytes() == buf.getvalue()
+    NsfwMLP().load_state_dict(load_weights(spec))

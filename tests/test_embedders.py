@@ -13,26 +13,13 @@ import torch
 from nemo_curator.datasets import ImageTextPairDataset
 from nemo_curator.image import status as st
 from nemo_curator.image.embedders import ImageEmbedder, TimmImageEmbedder
-from nemo_curator.image.embedders.timm import cpu_has_fast_bf16
+from nemo_curator.utils.device import cpu_has_fast_bf16
 from nemo_curator.utils.distributed_utils import cached_keys
 from nemo_curator.utils.sample_data import make_samples, write_shard
 from nemo_curator.utils.webdataset import write_dali_index
 
 MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 2}
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny CLIP-shaped model with fixed random weights, saved as safetensors."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(MODEL, pretrained=False, **TINY)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
 
 
 def reference_embeddings(checkpoint, images):
@@ -130,7 +117,7 @@ def test_bad_images_keep_their_rows(tmp_path, client, tiny_checkpoint):
 def test_a_shard_result_holds_its_embeddings_once(tmp_path, tiny_checkpoint):
     """embed_shard (in this process): the embedding column is row views of one matrix, which
     Arrow takes without a copy; a row without image is null there and in the parquet."""
-    from nemo_curator.datasets.image_text_pair_dataset import _rows_of_one_matrix, partition_to_arrow
+    from nemo_curator.utils.arrow import partition_to_arrow, rows_of_one_matrix as _rows_of_one_matrix
 
     rng = np.random.default_rng(2)
     samples = make_samples(7, 0, rng, sizes=[(64, 48)])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nemo_curator.datasets import ImageTextPairDataset
-from nemo_curator.datasets.image_text_pair_dataset import RUN_SUMMARY_NAME, summarize_stats
+from nemo_curator.utils.stats import RUN_SUMMARY_NAME, summarize_stats
 from nemo_curator.filtering import add_filter_column
 from nemo_curator.report import (TAR_COLUMN, Threshold, default_thresholds, example_groups, load_scores, make_report,
                                  plot_image_grid, plot_score_histograms)
@@ -124,3 +124,95 @@ def test_unscored_dataset_gives_counts_only(tmp_path):
 def test_threshold_condition_text():
     assert Threshold("aesthetic_score", 6.5, True).condition == "aesthetic_score > 6.5"
     assert Threshold("nsfw_score", 0.5, False).condition == "nsfw_score < 0.5"
+
+
+# ----------------------------------------------------------------------------------------------
+# An unknown column in the filter expression: the message lists the columns one can use
+def _listed_columns(message: str) -> str:
+    """The last ``[...]`` of the message: the columns it lists."""
+    return message[message.rindex("["):]
+
+
+def test_unknown_expression_column_lists_the_datasets_columns(scored):
+    with pytest.raises(KeyError) as info:
+        make_report(scored, filter_expr="beauty > 1")
+    message = str(info.value)
+    assert "beauty" in message
+    listed = _listed_columns(message)
+    for column in ("key", "caption", "url", "aesthetic_score", "nsfw_score", "image_status"):
+        assert repr(column) in listed, message  # the parquet's columns, not only those the report reads
+    assert TAR_COLUMN not in message  # the report's own bookkeeping column is no dataset column
+
+
+def test_unknown_expression_column_of_a_dataset_object_lists_its_columns(scored):
+    dataset = ImageTextPairDataset.from_webdataset(str(scored), id_col="key")
+    with pytest.raises(KeyError) as info:
+        make_report(dataset, filter_expr="beauty > 1 and caption == 'x'")
+    listed = _listed_columns(str(info.value))
+    assert "'beauty'" in str(info.value) and "'caption'" in listed and "'url'" in listed
+
+
+def test_report_command_with_an_unknown_column_names_the_usable_columns(scored, tmp_path, capsys):
+    from nemo_curator.scripts.cli import main
+
+    assert main(["report", str(scored), "--output", str(tmp_path / "r"), "--expr", "beauty > 1"]) == 1
+    err = capsys.readouterr().err
+    assert "beauty" in err and "'caption'" in err and "'url'" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Histograms: the axis follows the data, so scores in a tiny range still show bars
+def _bars_visible(ax, values) -> None:
+    lo, hi = ax.get_xlim()
+    (histogram,) = ax.containers  # the bars (not the shaded kept side)
+    bars = [p for p in histogram.patches if p.get_height() > 0]
+    assert sum(p.get_height() for p in bars) == len(values)
+    assert lo <= min(values) and max(values) <= hi
+    widest = max(p.get_width() for p in bars)
+    assert widest / (hi - lo) > 1 / 200, (ax.get_xlim(), widest)  # wide enough to be drawn as a bar
+    for p in bars:  # every bar inside the axis
+        assert lo <= p.get_x() and p.get_x() + p.get_width() <= hi
+
+
+def _frame(nsfw) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.DataFrame({"nsfw_score": np.asarray(nsfw, dtype=np.float32)})
+
+
+def test_nsfw_scores_in_a_tiny_range_show_bars_and_the_threshold(tmp_path):
+    nsfw = np.linspace(0.0001, 0.0003, 50)
+    fig = plot_score_histograms(_frame(nsfw), ["nsfw_score"], default_thresholds())
+    (ax,) = fig.axes
+    _bars_visible(ax, nsfw)
+    assert ax.get_xlim()[1] - ax.get_xlim()[0] < 0.01  # the axis is the data's, not [0, 0.5]
+    assert ax.lines[0].get_xdata()[0] == 0.5  # the threshold is still drawn (off the axis) ...
+    assert ax.get_legend().get_texts()[0].get_text() == "keep nsfw_score < 0.5: 50"  # ... and named
+    notes = [t.get_text() for t in ax.texts]
+    assert any("0.5" in t for t in notes), notes  # and where it lies is written on the axis
+    fig.savefig(tmp_path / "h.png")
+
+
+def test_equal_scores_get_a_padded_axis(tmp_path):
+    for value in (0.0, 0.25, 7.0):
+        fig = plot_score_histograms(_frame([value] * 10), ["nsfw_score"])
+        (ax,) = fig.axes
+        _bars_visible(ax, [value] * 10)
+        lo, hi = ax.get_xlim()
+        assert lo < value < hi and hi - lo <= 0.2 * max(1.0, abs(value))  # padded, yet the data's scale
+        fig.savefig(tmp_path / "h.png")
+
+
+def test_a_threshold_near_the_data_widens_the_axis_to_show_it():
+    nsfw = np.linspace(0.2, 0.45, 30)  # threshold 0.5 is just above the data
+    fig = plot_score_histograms(_frame(nsfw), ["nsfw_score"], default_thresholds())
+    (ax,) = fig.axes
+    _bars_visible(ax, nsfw)
+    lo, hi = ax.get_xlim()
+    assert lo < 0.2 and 0.5 < hi < 0.6  # the cut is on the axis
+    assert ax.get_legend().get_texts()[0].get_text() == "keep nsfw_score < 0.5: 30"
+
+
+def test_histogram_of_no_finite_score_still_draws():
+    fig = plot_score_histograms(_frame([np.nan, np.nan]), ["nsfw_score"], default_thresholds())
+    assert "2 failed" in fig.axes[0].get_title()

@@ -35,14 +35,14 @@ import dask
 import numpy as np
 import pandas as pd
 
-from nemo_curator.datasets.image_text_pair_dataset import (RUN_SUMMARY_NAME, STATS_SUFFIX, partition_to_arrow,
-                                                           status_counts, summarize_stats)
-from nemo_curator.utils.file_utils import atomic_write, remove_stale_temporaries, write_json_atomic, write_parquet_atomic
+from nemo_curator.utils.arrow import partition_to_arrow
+from nemo_curator.utils.file_utils import atomic_write, write_json_atomic, write_parquet_atomic
+from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.progress import compute_with_progress
-from nemo_curator.utils.resume import (RESUME_KEY, completed_stats, file_identity, fingerprint, identities, make_record,
-                                       read_json)
-from nemo_curator.utils.webdataset import (TAR_SUFFIX, Shard, TarMember, TarWriter,
-                                           iter_tar_samples, read_member_bytes, shard_name)
+from nemo_curator.utils.resume import file_identity, fingerprint, identities, lineage_keys, read_json
+from nemo_curator.utils.shard_job import ShardWork, commit_shard, run_shard_job, write_summary
+from nemo_curator.utils.stats import RUN_SUMMARY_NAME, ReshardShardStats, status_counts, summarize_stats
+from nemo_curator.utils.webdataset import Shard, TarMember, TarWriter, iter_tar_samples, read_member_bytes, shard_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
                          f"({10**max_shards}); raise max_shards to {len(str(len(plan) - 1))} or samples_per_shard "
                          f"to {math.ceil(sum(kept_counts) / 10**max_shards)}")
 
-    inputs = [_input_identity(tar, dataset.metadata_file(i), s) for i, (tar, s) in enumerate(zip(dataset.tar_files, summaries))]
+    inputs = [_input_identity(shard.tar, shard.metadata_file, s) for shard, s in zip(dataset.shards, summaries)]
     params = {"filter_column": filter_column, "samples_per_shard": samples_per_shard, "max_shards": max_shards,
               "old_id_col": old_id_col}
-    job = fingerprint({"operation": "to_webdataset", "lineage": list(dataset.current_lineage()), "id_col": id_col,
+    job = fingerprint({"operation": "to_webdataset", "lineage": lineage_keys(dataset.current_lineage()), "id_col": id_col,
                        "columns": list(metadata.columns), **params, "inputs": inputs})
     if existing and not overwrite and previous_job.get("job") != job:
         raise FileExistsError(_exists_message(out_dir, existing, "written by a different to_webdataset job (another "
@@ -97,30 +97,24 @@ def to_webdataset(dataset, path: str, filter_column: str, samples_per_shard: int
             if os.path.exists(os.path.join(out_dir, name)):
                 os.unlink(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
-    write_json_atomic({"job": job, "lineage": list(dataset.current_lineage()), **params, "output_shards": len(plan)},
+    write_json_atomic({"job": job, "lineage": lineage_keys(dataset.current_lineage()), **params, "output_shards": len(plan)},
                       os.path.join(out_dir, JOB_FILE_NAME))
 
-    input_table = [{"shard": os.path.basename(t)[: -len(TAR_SUFFIX)], "rows": s["rows"], "kept": s["kept"]}
-                   for t, s in zip(dataset.tar_files, summaries)]
-    extra = {"operation": "to_webdataset", "path": out_dir, **params, "rows_in": sum(s["rows"] for s in summaries),
-             "rows_kept": sum(kept_counts), "inputs": input_table}
+    input_table = [{"shard": shard.name, "rows": s["rows"], "kept": s["kept"]} for shard, s in zip(dataset.shards, summaries)]
+    extra = {"path": out_dir, **params, "rows_in": sum(s["rows"] for s in summaries), "rows_kept": sum(kept_counts),
+             "inputs": input_table}
     if not plan:
         message = (f"to_webdataset: no row of {len(parts)} input shards has {filter_column!r} True; "
                    f"no shard written to {out_dir}")
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
-        summary = summarize_stats([], seconds=time.time() - started, **extra)
-        write_json_atomic(summary, os.path.join(out_dir, RUN_SUMMARY_NAME))
+        summary = summarize_stats([], seconds=time.time() - started, operation="to_webdataset", **extra)
+        write_summary(summary, out_dir)
         return summary
 
-    results, tasks, todo = _output_tasks(dataset, out_dir, plan, job, filter_column, max_shards, samples_per_shard,
-                                         old_id_col)
-    for o, result in zip(todo, compute_with_progress(tasks, desc="to_webdataset", show=show_progress)):
-        results[o] = result
-    summary = summarize_stats(results, seconds=time.time() - started, skipped=len(plan) - len(todo), **extra)
-    write_json_atomic(summary, os.path.join(out_dir, RUN_SUMMARY_NAME))
-    logger.info("to_webdataset: %s", {k: v for k, v in summary.items() if k not in ("shards", "inputs")})
-    return summary
+    works = _output_works(dataset, out_dir, plan, job, filter_column, max_shards, samples_per_shard, old_id_col)
+    return run_shard_job(works, job, out_dir, "to_webdataset", show_progress=show_progress, started=started,
+                         **{k: v for k, v in extra.items() if k != "path"})
 
 
 def _validate(dataset, out_dir: str, filter_column: str, samples_per_shard: int, max_shards: int,
@@ -223,20 +217,16 @@ def rewrite_json_id(data: bytes, old_id: str, new_id: str, id_col: str, old_id_c
 
 # ----------------------------------------------------------------------------------------------
 # Cluster tasks
-def _as_pandas(frame) -> pd.DataFrame:
-    return frame if isinstance(frame, pd.DataFrame) else frame.to_pandas()
-
-
 def _kept_summary(frame, filter_column: str, id_col: str) -> dict:
     """``{"rows", "kept", "kept_ids_sha256"}`` of one partition (the hash fingerprints the selection)."""
-    frame = _as_pandas(frame)
+    frame = to_pandas(frame)
     ids = frame[id_col][kept_mask(frame[filter_column])]
     digest = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
     return {"rows": int(len(frame)), "kept": int(len(ids)), "kept_ids_sha256": digest}
 
 
 def _kept_rows(frame, filter_column: str) -> pd.DataFrame:
-    frame = _as_pandas(frame)
+    frame = to_pandas(frame)
     return frame[kept_mask(frame[filter_column])].reset_index(drop=True)
 
 
@@ -262,45 +252,36 @@ def _locate_samples(tar_path: str, kept: pd.DataFrame, id_col: str) -> dict:
     return {"members": members, "duplicate_keys": duplicates}
 
 
-def _output_tasks(dataset, out_dir: str, plan: list[list[Piece]], job: str, filter_column: str, max_shards: int,
-                  samples_per_shard: int, old_id_col: str | None):
-    """Delayed write tasks of the output shards that are not complete; stored stats of the others.
-
-    Returns ``(results, tasks, todo)``: ``results[o]`` is the stats of a finished shard (None for
-    the others), ``tasks[k]`` writes output shard ``todo[k]``.
-    """
+def _output_works(dataset, out_dir: str, plan: list[list[Piece]], job: str, filter_column: str, max_shards: int,
+                  samples_per_shard: int, old_id_col: str | None) -> list[ShardWork]:
+    """One ``ShardWork`` per output shard. Its task reads the kept rows of its input shards and
+    their members' offsets: one filter task and one header scan per input shard, shared by the
+    output shards it feeds, and built only for output shards that are not complete."""
     parts = dataset.metadata.to_delayed()
     kept: dict[int, object] = {}
     located: dict[int, object] = {}
-    results: list[dict | None] = [None] * len(plan)
-    tasks, todo = [], []
-    for o, pieces in enumerate(plan):
-        shard = Shard.in_folder(out_dir, shard_name(o, max_shards))
-        stats_path = os.path.join(out_dir, shard.name + STATS_SUFFIX)
-        tars = [os.path.abspath(dataset.tar_files[i]) for i, _, _ in pieces]
-        inputs = identities(tars)
-        done = completed_stats(stats_path, job, inputs)
-        if done is not None:
-            results[o] = done
-            continue
-        remove_stale_temporaries(out_dir, [os.path.basename(p) for p in (shard.tar, shard.idx, shard.parquet, stats_path)])
+
+    def make_task(o: int, pieces: list[Piece], shard: Shard, inputs: dict):
         args = []
         for i, start, stop in pieces:
             if i not in kept:
                 kept[i] = dask.delayed(_kept_rows, pure=True)(parts[i], filter_column)
-                located[i] = dask.delayed(_locate_samples, pure=True)(dataset.tar_files[i], kept[i], dataset.id_col)
+                located[i] = dask.delayed(_locate_samples, pure=True)(dataset.shards[i].tar, kept[i], dataset.id_col)
             rows = dask.delayed(_slice_rows, pure=True)(kept[i], start, stop)
-            args.append((dataset.tar_files[i], start, stop, rows, located[i]))
-        tasks.append(dask.delayed(_write_output_shard, pure=False)(
-            args, o, shard, stats_path, dataset.id_col, old_id_col, max_shards, samples_per_shard, job, inputs))
-        todo.append(o)
-    if todo and len(todo) < len(plan):
-        logger.info("to_webdataset: %d of %d output shards already written by this job, skipped",
-                    len(plan) - len(todo), len(plan))
-    return results, tasks, todo
+            args.append((dataset.shards[i].tar, start, stop, rows, located[i]))
+        return dask.delayed(_write_output_shard, pure=False)(args, o, shard, dataset.id_col, old_id_col, max_shards,
+                                                             samples_per_shard, job, inputs)
+
+    works = []
+    for o, pieces in enumerate(plan):
+        shard = Shard.in_folder(out_dir, shard_name(o, max_shards))
+        inputs = identities([os.path.abspath(dataset.shards[i].tar) for i, _, _ in pieces])
+        works.append(ShardWork(shard.name, shard.stats, inputs, [shard.tar, shard.idx, shard.parquet],
+                               lambda o=o, pieces=pieces, shard=shard, inputs=inputs: make_task(o, pieces, shard, inputs)))
+    return works
 
 
-def _write_output_shard(pieces, index: int, shard: Shard, stats_path: str, id_col: str, old_id_col: str | None,
+def _write_output_shard(pieces, index: int, shard: Shard, id_col: str, old_id_col: str | None,
                         max_shards: int, samples_per_shard: int, job: str, inputs: dict) -> dict:
     """Write one output shard from its pieces ``(tar, start, stop, rows, located)``; return its stats.
 
@@ -308,30 +289,32 @@ def _write_output_shard(pieces, index: int, shard: Shard, stats_path: str, id_co
     row per written sample. Files: tar, idx, parquet, then the stats file (completion marker).
     """
     started = time.time()
-    counts = {"samples_in": 0, "samples_written": 0, "missing_sample": 0, "duplicate_keys": 0,
-              "members_written": 0, "json_rewritten": 0, "json_unreadable": 0}
+    stats = ReshardShardStats(shard=shard.name)
     frames, new_ids, old_ids = [], [], []
     with atomic_write(shard.tar) as out:
         writer = TarWriter(out)
         for tar_path, _, _, rows, located in pieces:
-            counts["samples_in"] += len(rows)
-            counts["duplicate_keys"] += located["duplicate_keys"]
+            stats.samples_in += len(rows)
+            stats.duplicate_keys += located["duplicate_keys"]
             written = np.zeros(len(rows), dtype=bool)
             with open(tar_path, "rb") as src:
                 for pos, old_id in enumerate(rows[id_col].astype(str)):
                     members = located["members"].get(old_id)
                     if members is None:
-                        counts["missing_sample"] += 1
+                        stats.missing_sample += 1
                         continue
                     new_id = new_sample_id(index, len(new_ids), max_shards, samples_per_shard)
                     for member in members:
                         data = read_member_bytes(src, member)
                         if member.ext == "json":
                             rewritten = rewrite_json_id(data, old_id, new_id, id_col, old_id_col)
-                            counts["json_rewritten" if rewritten is not None else "json_unreadable"] += 1
-                            data = data if rewritten is None else rewritten
+                            if rewritten is None:
+                                stats.json_unreadable += 1
+                            else:
+                                stats.json_rewritten += 1
+                                data = rewritten
                         writer.add(f"{new_id}{member.name[len(old_id):]}", data)
-                        counts["members_written"] += 1
+                        stats.members_written += 1
                     written[pos] = True
                     new_ids.append(new_id)
                     old_ids.append(old_id)
@@ -344,13 +327,12 @@ def _write_output_shard(pieces, index: int, shard: Shard, stats_path: str, id_co
     if old_id_col:
         table[old_id_col] = pd.array(old_ids, dtype=table[id_col].dtype)
     write_parquet_atomic(partition_to_arrow(table), shard.parquet)
-    counts["samples_written"] = len(new_ids)
-    if counts["missing_sample"]:
+    stats.samples_written = len(new_ids)
+    if stats.missing_sample:
         logger.warning("to_webdataset: %d kept rows of output shard %s have no sample in their tar (skipped)",
-                       counts["missing_sample"], shard.name)
-    stats = {"shard": shard.name, **counts, **status_counts(table), "bytes_written": os.path.getsize(shard.tar),
-             "inputs": [{"tar": t, "start": a, "stop": b} for t, a, b, _, _ in pieces],
-             "seconds": round(time.time() - started, 4)}
-    stats[RESUME_KEY] = make_record(job, inputs, [shard.tar, shard.idx, shard.parquet])
-    write_json_atomic(stats, stats_path)
-    return stats
+                       stats.missing_sample, shard.name)
+    stats.status_counts = status_counts(table)
+    stats.bytes_written = os.path.getsize(shard.tar)
+    stats.inputs = [{"tar": t, "start": a, "stop": b} for t, a, b, _, _ in pieces]
+    stats.seconds = round(time.time() - started, 4)
+    return commit_shard(stats.to_dict(), shard.stats, job, inputs, [shard.tar, shard.idx, shard.parquet])

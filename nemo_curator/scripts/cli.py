@@ -18,12 +18,13 @@ import time
 import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
-
 from nemo_curator._version import __version__
-from nemo_curator.filtering import DEFAULT_FILTER, DEFAULT_KEEP_COLUMN
-from nemo_curator.scripts.demo import DEMO_THRESHOLDS, repo_photos_dir
-from nemo_curator.scripts.models import DEFAULT_MODEL, HEAD_NAMES
+from nemo_curator.scripts.demo import DEMO_THRESHOLDS
+from nemo_curator.utils.constants import (DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_FILTER, DEFAULT_ID_COL, DEFAULT_MODEL,
+                                          DEFAULT_NSFW_THRESHOLD, EMBEDDING_COLUMN, HEAD_NAMES, KEEP_COLUMN,
+                                          PRECISIONS, SMOKE_WARNING)
+from nemo_curator.utils.distributed_utils import CLUSTER_TYPES
+from nemo_curator.utils.sample_data import shared_photos_dir
 
 PROG = "nemo-curator-image"
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 def _cluster_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("cluster (default: a local cluster on this machine, GPU workers if it has a GPU)")
-    g.add_argument("--cluster", choices=("auto", "cpu", "gpu"), default="auto",
+    g.add_argument("--cluster", choices=CLUSTER_TYPES, default="auto",
                    help="local cluster kind: 'cpu' (distributed.LocalCluster), 'gpu' (dask_cuda.LocalCUDACluster, "
                         "one worker per GPU) or 'auto' (gpu when a GPU and dask-cuda are present). Default: auto")
     g.add_argument("--scheduler-file", metavar="PATH",
@@ -67,10 +68,13 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                    help="images per model call on each worker (GPU: 256-1024, see docs/gpu.md). Default: 32")
     g.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="DALI decoding threads per worker. Default: CPU cores / workers on a local cluster, else 4")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="model precision: bf16 autocast or fp32. 'auto': fp32 on a local CPU cluster whose CPU has "
-                        "no bf16 hardware (AVX2: bf16 is several times slower there), else bf16. Default: auto")
+                   help="DALI decoding threads per worker. Default: the machine's cores divided among the workers "
+                        "on it (decided on each worker)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="model precision: 'bf16' (bf16 autocast, obeyed everywhere, with a warning where the CPU "
+                        "emulates it: several times slower than fp32), 'fp32', or 'auto': bf16 where the hardware "
+                        "computes it natively (GPUs; CPUs with AVX512-BF16 or AMX), decided on each worker, else "
+                        "fp32. Default: auto")
     _head_options(g)
     return p
 
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("heads")
     g.add_argument("--heads", type=_head_list, default=list(HEAD_NAMES), metavar="LIST",
                    help="heads to run: aesthetic,nsfw (default) or one of them")
-    g.add_argument("--embedding-column", default="image_embedding", help="Default: image_embedding")
+    g.add_argument("--embedding-column", default=EMBEDDING_COLUMN, help=f"Default: {EMBEDDING_COLUMN}")
     _head_options(g)
     p.set_defaults(func=cmd_score)
 
@@ -176,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="folder of scored shards")
     p.add_argument("output", help="folder for the new shards")
     p.add_argument("--expr", default=DEFAULT_FILTER, help=f"the keep condition. Default: {DEFAULT_FILTER!r}")
-    p.add_argument("--keep-column", default=DEFAULT_KEEP_COLUMN,
-                   help=f"bool column the condition is stored in (written to the new parquets). Default: {DEFAULT_KEEP_COLUMN}")
+    p.add_argument("--keep-column", default=KEEP_COLUMN,
+                   help=f"bool column the condition is stored in (written to the new parquets). Default: {KEEP_COLUMN}")
     p.add_argument("--samples-per-shard", type=_positive_int, default=10000, metavar="N", help="Default: 10000")
     p.add_argument("--max-shards", type=_positive_int, default=5,
                    help="digits of the output shard number (new ids are shard digits + sample digits). Default: 5")
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For every NNNNN.tar without NNNNN.parquet, write one with a row per sample: the "
                                    "id (the member name before the extension) and the caption of its .txt, if any.")
     p.add_argument("folder", help="folder of .tar shards")
-    p.add_argument("--id-col", default="key", help="name of the id column. Default: key")
+    p.add_argument("--id-col", default=DEFAULT_ID_COL, help=f"name of the id column. Default: {DEFAULT_ID_COL}")
     p.set_defaults(func=cmd_index_metadata)
 
     p = sub.add_parser("report", parents=[common], help="summary table and score histograms of a scored dataset",
@@ -206,11 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="folder of scored shards")
     p.add_argument("--output", default="report", help="folder for the report files. Default: ./report")
     p.add_argument("--curated", metavar="DIR", help="the output folder of `filter`, to add its summary")
-    p.add_argument("--aesthetic-threshold", type=float, default=6.0, help="keep above it (AVA 1-10). Default: 6")
-    p.add_argument("--nsfw-threshold", type=float, default=0.5, help="keep below it (0-1). Default: 0.5")
+    p.add_argument("--aesthetic-threshold", type=float, default=DEFAULT_AESTHETIC_THRESHOLD,
+                   help=f"keep above it (AVA 1-10). Default: {DEFAULT_AESTHETIC_THRESHOLD:g}")
+    p.add_argument("--nsfw-threshold", type=float, default=DEFAULT_NSFW_THRESHOLD,
+                   help=f"keep below it (0-1). Default: {DEFAULT_NSFW_THRESHOLD:g}")
     p.add_argument("--expr", help="the keep condition, if not the thresholds' (e.g. the one given to `filter`)")
     p.add_argument("--examples", type=int, default=6, help="kept and dropped images shown in examples.png (0: none). Default: 6")
-    p.add_argument("--id-col", default="key", help="the id column. Default: key")
+    p.add_argument("--id-col", default=DEFAULT_ID_COL, help=f"the id column. Default: {DEFAULT_ID_COL}")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", parents=[common, cluster, model],
@@ -238,71 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset_options(p) -> None:
-    p.add_argument("--id-col", default="key", help="the column holding each sample's key. Default: key")
+    p.add_argument("--id-col", default=DEFAULT_ID_COL, help=f"the column holding each sample's key. Default: {DEFAULT_ID_COL}")
 
 
 def _default_photos() -> str | None:
-    folder = repo_photos_dir()
+    folder = shared_photos_dir()
     return str(folder) if folder else None
 
 
 # ----------------------------------------------------------------------------------------------
 # Cluster
-def _local_kind(args) -> str:
-    if args.cluster != "auto":
-        return args.cluster
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available():
-        if importlib.util.find_spec("dask_cuda") is not None:
-            return "gpu"
-        logger.warning("a GPU is visible but dask-cuda is not installed: starting CPU workers (pip install -e .[gpu])")
-    return "cpu"
-
-
-def _autocast(args, kind: str) -> bool:
-    """bf16 autocast or not, from --precision and the cluster kind ("cpu", "gpu" or "remote")."""
-    precision = args.__dict__.get("precision", "auto")
-    if precision != "auto":
-        return precision == "bf16"
-    from nemo_curator.scripts.models import cpu_has_fast_bf16
-
-    return kind != "cpu" or cpu_has_fast_bf16()
-
-
-class Cluster(NamedTuple):
-    """What ``open_client`` yields: the client, and the worker settings it implies."""
-
-    client: object
-    threads: int  # DALI threads per worker: --threads, else CPU cores / local workers, else 4
-    autocast: bool  # bf16 autocast (see _autocast)
-
-
 @contextlib.contextmanager
 def open_client(args):
-    """A ``Cluster`` from the cluster options; a local cluster started here is closed on exit."""
+    """A Dask client from the cluster options; a local cluster started here is closed on exit."""
     from nemo_curator import get_client
 
-    threads = args.__dict__.get("threads")
     if args.scheduler_file or args.scheduler_address:
         client = get_client(scheduler_file=args.scheduler_file, scheduler_address=args.scheduler_address)
-        owned, kind = None, "remote"
+        owned = None
     else:
-        kind = _local_kind(args)
         kwargs = {"n_workers": args.n_workers} if args.n_workers else {}
         kwargs["silence_logs"] = logging.INFO if args.verbose else logging.ERROR
-        if kind == "gpu":
-            kwargs["rmm_pool_size"] = args.rmm_pool_size
-        client = get_client(cluster_type=kind, **kwargs)
+        client = get_client(cluster_type=args.cluster, rmm_pool_size=args.rmm_pool_size, **kwargs)
         owned = client.cluster
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    if threads is None:
-        threads = 4 if owned is None else max(1, (os.cpu_count() or 1) // max(1, workers))
     say(f"dask: {workers} workers, dashboard {client.dashboard_link}")
     try:
-        yield Cluster(client, threads, _autocast(args, kind))
+        yield client
     finally:
         client.close()
         if owned is not None:
@@ -342,28 +310,30 @@ def _head_paths(args) -> dict:
 
 def cmd_embed(args) -> None:
     from nemo_curator.datasets import ImageTextPairDataset
-    from nemo_curator.scripts.models import build_embedder, build_heads, check_weights
+    from nemo_curator.image.classifiers import build_heads
+    from nemo_curator.image.weights import check_weights
+    from nemo_curator.scripts.demo import build_embedder
 
     dataset = ImageTextPairDataset.from_webdataset(args.dataset, id_col=args.id_col)
     check_weights(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, heads=args.heads,
                   head_paths=_head_paths(args), offline=args.offline)
     heads = build_heads(args.heads, _head_paths(args))
-    with open_client(args) as cluster:
+    with open_client(args):
         embedder = build_embedder(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                  model_kwargs=args.model_kwargs, batch_size=args.batch_size,
-                                  threads=cluster.threads, heads=heads, use_index_files=args.use_index_files,
-                                  autocast=cluster.autocast)
+                                  model_kwargs=args.model_kwargs, batch_size=args.batch_size, threads=args.threads,
+                                  heads=heads, use_index_files=args.use_index_files, precision=args.precision)
         summary = embedder(dataset).save_metadata(resume=args.resume)
     totals = summary["totals"]
     say(f"embedded {int(totals.get('embedded', 0))} of {int(totals.get('rows', 0))} rows in "
-              f"{summary['shards_total']} shards ({summary['shards_skipped']} already done); decode_failed "
-              f"{int(totals.get('decode_failed', 0))}, missing_image {int(totals.get('missing_image', 0))}; "
-              f"{summary['seconds']} s. Parquets rewritten in {summary['path']}")
+        f"{summary['shards_total']} shards ({summary['shards_skipped']} already done); decode_failed "
+        f"{int(totals.get('decode_failed', 0))}, missing_image {int(totals.get('missing_image', 0))}; "
+        f"{summary['seconds']} s. Parquets rewritten in {summary['path']}")
 
 
 def cmd_score(args) -> None:
     from nemo_curator.datasets import ImageTextPairDataset
-    from nemo_curator.scripts.models import build_heads, check_weights
+    from nemo_curator.image.classifiers import build_heads
+    from nemo_curator.image.weights import check_weights
 
     if not args.heads:
         raise ValueError("--heads none leaves nothing to score: name at least one head")
@@ -377,7 +347,7 @@ def cmd_score(args) -> None:
     with open_client(args):
         summary = dataset.save_metadata()
     say(f"scored {int(summary['totals'].get('rows', 0))} rows in {summary['shards_total']} shards with "
-              f"{', '.join(args.heads)}; {summary['seconds']} s. Parquets rewritten in {summary['path']}")
+        f"{', '.join(args.heads)}; {summary['seconds']} s. Parquets rewritten in {summary['path']}")
 
 
 def cmd_filter(args) -> None:
@@ -392,16 +362,14 @@ def cmd_filter(args) -> None:
                                         samples_per_shard=args.samples_per_shard, max_shards=args.max_shards,
                                         old_id_col=args.old_id_col, overwrite=args.overwrite)
     say(f"kept {summary['rows_kept']} of {summary['rows_in']} rows ({args.expr}); wrote "
-              f"{int(summary['totals'].get('samples_written', 0))} samples in {summary['shards_total']} shards to "
-              f"{summary['path']}; {summary['seconds']} s")
+        f"{int(summary['totals'].get('samples_written', 0))} samples in {summary['shards_total']} shards to "
+        f"{summary['path']}; {summary['seconds']} s")
 
 
 def cmd_index(args) -> None:
     from nemo_curator.utils.webdataset import find_shards, write_dali_index
 
-    tars = [s.tar for s in find_shards(args.folder, require_parquet=False) if os.path.isfile(s.tar)]
-    if not tars:
-        raise FileNotFoundError(f"no .tar files in {args.folder}")
+    tars = [s.tar for s in find_shards(args.folder, require_parquet=False)]
     started = time.time()
     with ThreadPoolExecutor(max_workers=args.threads) as pool:
         written = list(pool.map(write_dali_index, tars))
@@ -409,31 +377,14 @@ def cmd_index(args) -> None:
 
 
 def cmd_index_metadata(args) -> None:
+    from nemo_curator.datasets.tar_metadata import write_tar_metadata
     from nemo_curator.utils.webdataset import find_shards
 
-    shards = [s for s in find_shards(args.folder, require_parquet=False)
-              if os.path.isfile(s.tar) and not os.path.exists(s.parquet)]
+    shards = [s for s in find_shards(args.folder, require_parquet=False) if not os.path.exists(s.parquet)]
     for shard in shards:
         write_tar_metadata(shard.tar, shard.parquet, args.id_col)
     say(f"wrote {len(shards)} parquet files in {args.folder}"
-              + ("" if shards else " (every tar already has its parquet)"))
-
-
-def write_tar_metadata(tar_path: str, parquet_path: str, id_col: str = "key") -> int:
-    """Write a parquet with one row per sample of ``tar_path``: ``id_col`` and ``caption`` (its .txt, or null)."""
-    import pandas as pd
-
-    from nemo_curator.utils.file_utils import write_parquet_atomic
-    from nemo_curator.utils.webdataset import iter_tar_samples, read_member_bytes
-
-    rows = []
-    with open(tar_path, "rb") as f:
-        for key, members in iter_tar_samples(tar_path):
-            txt = next((m for m in members if m.ext == "txt"), None)
-            caption = read_member_bytes(f, txt).decode("utf-8", errors="replace") if txt else None
-            rows.append({id_col: key, "caption": caption})
-    write_parquet_atomic(pd.DataFrame(rows, columns=[id_col, "caption"]).astype({id_col: str}), parquet_path)
-    return len(rows)
+        + ("" if shards else " (every tar already has its parquet)"))
 
 
 def cmd_report(args) -> None:
@@ -448,18 +399,17 @@ def cmd_report(args) -> None:
 
 def cmd_demo(args) -> None:
     from nemo_curator.scripts.demo import prepare_demo, run_demo
-    from nemo_curator.scripts.models import SMOKE_WARNING
 
     if args.smoke:
         say(f"*** {SMOKE_WARNING} ***")
     plan = prepare_demo(args.output, smoke=args.smoke, photos=args.photos, model=args.model,
                         checkpoint=args.checkpoint, head_paths=_head_paths(args), batch_size=args.batch_size,
-                        shards=args.shards, samples_per_shard=args.samples_per_shard, offline=args.offline,
+                        threads=args.threads, precision=args.precision, shards=args.shards,
+                        samples_per_shard=args.samples_per_shard, offline=args.offline,
                         thresholds=(args.aesthetic_threshold, args.nsfw_threshold))
     say(f"sample dataset: {plan.dataset}")
-    with open_client(args) as cluster, warnings.catch_warnings():
+    with open_client(args), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        plan.embedder_kwargs.update(threads=cluster.threads, autocast=cluster.autocast)
         report = run_demo(plan, show_progress=True)
     say("\n" + report.text)
     say(f"\ncurated shards: {plan.curated}\nreport: {', '.join(report.files.values())}")

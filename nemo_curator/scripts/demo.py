@@ -19,16 +19,20 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from nemo_curator.scripts.models import (DEFAULT_MODEL, HEAD_NAMES, SMOKE_MODEL_KWARGS, SMOKE_WARNING, build_embedder,
-                                         build_heads, check_weights, write_random_heads)
+from nemo_curator.image.classifiers import build_heads, write_random_heads
+from nemo_curator.image.weights import check_weights
+from nemo_curator.utils.constants import (DEFAULT_ID_COL, DEFAULT_MODEL, HEAD_NAMES, KEEP_COLUMN, TINY_MODEL_KWARGS,
+                                          SMOKE_WARNING)
+from nemo_curator.utils.sample_data import shared_photos_dir
 
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".nemo-curator-demo"  # marks a folder the demo may clear and rebuild
-ID_COL = "key"
+ID_COL = DEFAULT_ID_COL
 # (aesthetic, nsfw) cuts: keep aesthetic_score above the first, nsfw_score below the second. 5, the
 # loosest common aesthetic cut (others: 6, 6.5), so that a small sample of mostly generated pictures
 # keeps something to reshard.
@@ -37,10 +41,16 @@ DEMO_THRESHOLDS = (5.0, 0.5)
 SMOKE_QUANTILES = {"aesthetic_score": 0.4, "nsfw_score": 0.8}
 
 
-def repo_photos_dir() -> Path | None:
-    """``../shared/sample_images`` beside the repository root, if it holds photographs."""
-    folder = Path(__file__).resolve().parents[2].parent / "shared" / "sample_images"
-    return folder if folder.is_dir() and any(folder.glob("*.jpg")) else None
+def build_embedder(model: str = DEFAULT_MODEL, pretrained: bool = True, checkpoint: str | None = None,
+                   model_kwargs: dict | None = None, batch_size: int = 32, threads: int | None = None,
+                   heads: Sequence = (), use_index_files: bool = False, precision: str = "auto"):
+    """The command line's ``TimmImageEmbedder`` (L2-normalised embeddings) with ``heads`` attached."""
+    from nemo_curator.image.embedders import TimmImageEmbedder
+
+    return TimmImageEmbedder(model, pretrained=pretrained, batch_size=batch_size, num_threads_per_worker=threads,
+                             normalize_embeddings=True, classifiers=list(heads), precision=precision,
+                             use_index_files=use_index_files, checkpoint_path=checkpoint,
+                             model_kwargs=dict(model_kwargs or {}))
 
 
 @dataclass
@@ -69,12 +79,13 @@ class DemoPlan:
 
 def prepare_demo(output: str | os.PathLike, smoke: bool = False, photos: str | os.PathLike | None = None,
                  model: str = DEFAULT_MODEL, checkpoint: str | None = None, head_paths: dict | None = None,
-                 batch_size: int = 32, threads: int = 2, shards: int = 3, samples_per_shard: int = 16,
-                 offline: bool = False, seed: int = 0, thresholds: tuple[float, float] = DEMO_THRESHOLDS) -> DemoPlan:
+                 batch_size: int = 32, threads: int | None = None, precision: str = "auto", shards: int = 3,
+                 samples_per_shard: int = 16, offline: bool = False, seed: int = 0,
+                 thresholds: tuple[float, float] = DEMO_THRESHOLDS) -> DemoPlan:
     """Check (or fake) the weights, clear ``output`` and write the sample dataset; no cluster needed.
 
     ``thresholds``: (aesthetic, nsfw) cuts of the filter; smoke runs use score quantiles instead.
-    ``photos``: a folder of ``*.jpg`` used first (default: ``repo_photos_dir()``), then generated
+    ``photos``: a folder of ``*.jpg`` used first (default: ``shared_photos_dir()``), then generated
     pictures; one shard also gets an undecodable image and a row without an image, so that the
     report shows both failure kinds. Raises WeightsUnavailableError (nothing written) when the
     real weights cannot be had, FileExistsError for a folder the demo did not write.
@@ -88,9 +99,9 @@ def prepare_demo(output: str | os.PathLike, smoke: bool = False, photos: str | o
     plan = DemoPlan(output=output, smoke=smoke, thresholds=tuple(thresholds), samples_per_output_shard=samples_per_shard,
                     head_paths=write_random_heads(output / "smoke_heads", seed=seed) if smoke else head_paths,
                     embedder_kwargs=dict(model=model, pretrained=not smoke, checkpoint=None if smoke else checkpoint,
-                                         model_kwargs=SMOKE_MODEL_KWARGS if smoke else None, batch_size=batch_size,
-                                         threads=threads, use_index_files=True))
-    photo_dir = Path(photos) if photos else repo_photos_dir()
+                                         model_kwargs=TINY_MODEL_KWARGS if smoke else None, batch_size=batch_size,
+                                         threads=threads, precision=precision, use_index_files=True))
+    photo_dir = Path(photos) if photos else shared_photos_dir()
     photo_files = sorted(str(p) for p in photo_dir.glob("*.jpg")) if photo_dir else []
     build_demo_dataset(plan.dataset, photo_files, shards, samples_per_shard, seed)
     return plan
@@ -140,7 +151,7 @@ def run_demo(plan: DemoPlan, show_progress: bool = True):
     """
     from nemo_curator.datasets import ImageTextPairDataset
     from nemo_curator.filtering import add_filter_column
-    from nemo_curator.report import default_thresholds, make_report, thresholds_expression
+    from nemo_curator.report import default_thresholds, make_report, quantile_thresholds, thresholds_expression
 
     say = print if show_progress else logger.info
     dataset = ImageTextPairDataset.from_webdataset(plan.dataset, id_col=ID_COL)
@@ -149,25 +160,12 @@ def run_demo(plan: DemoPlan, show_progress: bool = True):
         f"{' (tiny, random)' if plan.smoke else ''} + aesthetic and NSFW heads")
     dataset = embedder(dataset)
     dataset.save_metadata(show_progress=show_progress)  # from now on the dataset reads the saved parquets
-    thresholds = smoke_thresholds(dataset) if plan.smoke else default_thresholds(*plan.thresholds)
+    thresholds = quantile_thresholds(dataset, SMOKE_QUANTILES) if plan.smoke else default_thresholds(*plan.thresholds)
     expr = thresholds_expression(thresholds)
     say(f"filter: {expr}" + (" (smoke: quantiles of the random scores, not real cuts)" if plan.smoke else ""))
-    dataset = add_filter_column(dataset, expr, "keep")
-    dataset.to_webdataset(str(plan.curated), filter_column="keep", samples_per_shard=plan.samples_per_output_shard,
+    dataset = add_filter_column(dataset, expr, KEEP_COLUMN)
+    dataset.to_webdataset(str(plan.curated), filter_column=KEEP_COLUMN, samples_per_shard=plan.samples_per_output_shard,
                           overwrite=True, show_progress=show_progress)
     title = SMOKE_WARNING if plan.smoke else None
     return make_report(plan.dataset, plan.report, curated=plan.curated, filter_expr=expr, thresholds=thresholds,
                        id_col=ID_COL, title=title)
-
-
-def smoke_thresholds(dataset) -> list:
-    """Cuts at ``SMOKE_QUANTILES`` of the (random) scores, so that the filter keeps some rows and drops others."""
-    from nemo_curator.report import Threshold, default_thresholds
-
-    scores = dataset.metadata[list(SMOKE_QUANTILES)].compute()
-    cuts = []
-    for t in default_thresholds():
-        values = scores[t.column].dropna().to_numpy(dtype=np.float64)
-        value = float(np.quantile(values, SMOKE_QUANTILES[t.column])) if len(values) else t.value
-        cuts.append(Threshold(t.column, float(f"{value:.6g}"), t.keep_above))
-    return cuts

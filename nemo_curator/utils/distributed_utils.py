@@ -6,11 +6,17 @@ import os
 import threading
 from typing import Any, Callable, Hashable
 
+from nemo_curator.utils.device import cuda_device_count
 from nemo_curator.utils.import_utils import gpu_only_import
 
 logger = logging.getLogger(__name__)
 
-CLUSTER_TYPES = ("cpu", "gpu")
+CLUSTER_TYPES = ("auto", "cpu", "gpu")
+DEFAULT_THREADS_OUTSIDE_CLUSTER = 4  # DALI threads of a reader that runs outside any Dask worker
+MAIN_GUARD_HINT = (
+    "Dask starts its worker processes with 'spawn', which imports your script again in each of them: in a "
+    "script, put the code that calls get_client() (and everything after it) under "
+    "`if __name__ == \"__main__\":`")
 
 
 def get_client(
@@ -37,17 +43,25 @@ def get_client(
       dask-mpi, dask-jobqueue). At most one of the two.
     - otherwise ``cluster_type="cpu"``: a ``distributed.LocalCluster`` of ``n_workers`` processes
       with ``threads_per_worker`` threads each; ``"gpu"``: a ``dask_cuda.LocalCUDACluster``, one
-      worker per visible GPU, with the RMM pool, spilling and protocol options passed through.
+      worker per visible GPU, with the RMM pool, spilling and protocol options passed through;
+      ``"auto"``: "gpu" when this machine has a GPU and dask-cuda is installed, else "cpu" (a GPU
+      without dask-cuda is logged as a warning).
       ``set_torch_to_use_rmm=True`` makes torch allocate through RMM on every GPU worker.
 
-    Extra keyword arguments go to the cluster constructor.
+    In a script, call it under ``if __name__ == "__main__":`` (Dask starts workers with spawn,
+    which imports the script again). Extra keyword arguments go to the cluster constructor.
     """
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     if cluster_type not in CLUSTER_TYPES:
         raise ValueError(f"cluster_type must be one of {CLUSTER_TYPES}, got {cluster_type!r}")
     if scheduler_address and scheduler_file:
         raise ValueError("pass scheduler_address or scheduler_file, not both: they name the same scheduler")
+    if not (scheduler_address or scheduler_file):
+        if _in_spawned_import():
+            raise RuntimeError(f"get_client() was called while a new process imported the script. {MAIN_GUARD_HINT}")
+        if cluster_type == "auto":
+            cluster_type = local_cluster_type()
 
     if set_torch_to_use_rmm and cluster_type != "gpu" and not scheduler_address and not scheduler_file:
         raise ValueError("set_torch_to_use_rmm=True needs GPU workers (cluster_type='gpu')")
@@ -61,7 +75,8 @@ def get_client(
     elif cluster_type == "cpu":
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, got {n_workers}")
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, **cluster_kwargs)
+        cluster = _start_local_cluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                                       **cluster_kwargs)
         client = Client(cluster)
     else:
         client = _local_cuda_client(
@@ -72,6 +87,48 @@ def get_client(
         client.run(_set_torch_to_use_rmm)
     logger.info("dask client ready: %s (dashboard %s)", client, client.dashboard_link)
     return client
+
+
+def local_cluster_type() -> str:
+    """What ``cluster_type="auto"`` starts on this machine: "gpu" when a GPU is visible and dask-cuda
+    is installed, else "cpu"."""
+    import importlib.util
+
+    if cuda_device_count() == 0:
+        return "cpu"
+    if importlib.util.find_spec("dask_cuda") is None:
+        logger.warning("a GPU is visible but dask-cuda is not installed: starting CPU workers (pip install -e .[gpu])")
+        return "cpu"
+    return "gpu"
+
+
+def _start_local_cluster(cluster_class=None, **kwargs):
+    """Start a local cluster; a failure to start its worker processes says what to do in a script."""
+    if cluster_class is None:
+        from dask.distributed import LocalCluster as cluster_class
+    try:
+        return cluster_class(**kwargs)
+    except Exception as err:
+        if "failed to start" not in str(err).lower() or not _main_is_a_script():
+            raise
+        raise RuntimeError(f"the local Dask cluster could not start its workers ({type(err).__name__}: {err}). "
+                           f"{MAIN_GUARD_HINT}") from err
+
+
+def _main_is_a_script() -> bool:
+    """Whether ``__main__`` is a file that a spawned worker imports again (not an interpreter or a notebook)."""
+    import sys
+
+    return bool(getattr(sys.modules.get("__main__"), "__file__", None))
+
+
+def _in_spawned_import() -> bool:
+    """True while a spawned child process imports the parent's ``__main__`` (``__mp_main__``)."""
+    import multiprocessing
+    import sys
+
+    return multiprocessing.parent_process() is not None and "__mp_main__" in sys.modules \
+        and sys.modules.get("__main__") is sys.modules.get("__mp_main__")
 
 
 def _require_workers(client, timeout_s: float) -> None:
@@ -89,18 +146,9 @@ def _require_workers(client, timeout_s: float) -> None:
         ) from err
 
 
-def _cuda_device_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # torch without CUDA support
-        return 0
-
-
 def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
                        rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs):
-    if _cuda_device_count() == 0:
+    if cuda_device_count() == 0:
         raise RuntimeError("cluster_type='gpu' needs a CUDA GPU, and none is visible (check CUDA_VISIBLE_DEVICES "
                            "and the driver with nvidia-smi), or use cluster_type='cpu'")
     dask_cuda = gpu_only_import("dask_cuda", "get_client(cluster_type='gpu')")
@@ -123,7 +171,8 @@ def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_s
         extra["rmm_pool_size"] = rmm_pool_size
     if n_workers is not None and n_workers != os.cpu_count():
         extra["n_workers"] = n_workers  # default: one worker per visible GPU
-    cluster = dask_cuda.LocalCUDACluster(protocol=protocol, enable_cudf_spill=enable_spilling, **extra, **cluster_kwargs)
+    cluster = _start_local_cluster(dask_cuda.LocalCUDACluster, protocol=protocol, enable_cudf_spill=enable_spilling,
+                                   **extra, **cluster_kwargs)
     return Client(cluster)
 
 
@@ -133,6 +182,41 @@ def _set_torch_to_use_rmm() -> None:
     import torch
 
     torch.cuda.memory.change_current_allocator(rmm_torch.rmm_torch_allocator)
+
+
+def cpu_threads_per_worker() -> int:
+    """CPU threads one worker process may use: the cores this process may run on divided among the
+    Dask workers on the same host (at least 1); ``DEFAULT_THREADS_OUTSIDE_CLUSTER`` outside a worker.
+    Asked of the scheduler once per process."""
+    global _THREADS
+    if _THREADS is None:
+        _THREADS = _count_threads_per_worker()
+    return _THREADS
+
+
+def _count_threads_per_worker() -> int:
+    try:
+        from distributed import get_client as _get_client, get_worker
+    except ImportError:
+        return DEFAULT_THREADS_OUTSIDE_CLUSTER
+    try:
+        worker = get_worker()
+    except ValueError:  # not inside a Dask worker
+        return DEFAULT_THREADS_OUTSIDE_CLUSTER
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        workers = _get_client().scheduler_info(n_workers=-1)["workers"].values()
+        host = worker.address.rsplit(":", 1)[0]
+        on_host = sum(1 for w in workers if str(w.get("address", "")).rsplit(":", 1)[0] == host) or 1
+    except Exception:  # noqa: BLE001 - no answer from the scheduler: count this worker alone
+        on_host = 1
+    return max(1, cores // on_host)
+
+
+_THREADS: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------

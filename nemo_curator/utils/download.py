@@ -7,10 +7,19 @@ state_dict keys and shapes); :func:`load_weights` turns it into a verified state
 2. otherwise the cache file ``$NEMO_CURATOR_HOME/weights/<filename>`` (default home
    ``~/.nemo_curator``), downloaded once when absent: urllib with a timeout, an HTTP status check,
    a length check, the sha256 check, then an atomic rename (a crash never leaves a partial file
-   under the final name). ``NEMO_CURATOR_WEIGHTS_URL_<NAME>`` (or ``url=``) replaces the
-   upstream URL, e.g. with a mirror.
+   under the final name). The cached file gets the mode a plain ``open()`` gives (umask applied),
+   so a cache on a shared file system is readable by others where the umask allows it.
 3. every file is read with ``torch.load(weights_only=True, map_location="cpu")`` and its keys and
    shapes are checked against the spec, so a corrupt or wrong file fails with its name and a remedy.
+
+Mirrors: ``NEMO_CURATOR_WEIGHTS_URL_<NAME>`` (or ``url=``) replaces the upstream URL
+(:func:`explicit_url`). Such an explicit URL is always used when the file is not cached, also
+when offline (``fetch_weights(offline=True)``, ``--offline``, ``HF_HUB_OFFLINE=1``): offline only
+stops requests to the upstream locations. A mirror may serve either what upstream serves (for the
+NSFW head: the zip holding ``clip_autokeras_binary_nsfw.pth``) or the ``.pth`` itself: the two
+are told apart by the content (a zip that holds ``archive_member`` is unpacked; a torch file,
+whether torch's own zip format or a legacy pickle, is taken as it is), never by the URL. The
+sha256 is always that of the ``.pth`` (the extracted member for a zip).
 """
 from __future__ import annotations
 
@@ -90,29 +99,43 @@ def cached_path(spec: WeightsSpec) -> Path:
     return cache_dir() / spec.filename
 
 
+def explicit_url(spec: WeightsSpec, url: str | None = None) -> str | None:
+    """The URL the user chose for ``spec``: ``url`` if given, else ``$NEMO_CURATOR_WEIGHTS_URL_<NAME>``
+    if set (non-empty); None when neither is, i.e. only the upstream location is known.
+
+    An explicit URL (typically an internal mirror) is used even offline: a weights check that
+    finds no cached file should still fetch when this is not None."""
+    return url or os.environ.get(spec.url_env) or None
+
+
 def resolve_url(spec: WeightsSpec, url: str | None = None) -> str:
-    """``url`` if given, else ``$NEMO_CURATOR_WEIGHTS_URL_<NAME>`` if set, else the upstream URL."""
-    return url or os.environ.get(spec.url_env) or spec.url
+    """:func:`explicit_url` if there is one, else the upstream URL."""
+    return explicit_url(spec, url) or spec.url
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry points
-def fetch_weights(spec: WeightsSpec, url: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
+def fetch_weights(spec: WeightsSpec, url: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                  offline: bool = False) -> Path:
     """Return the cached ``.pth`` for ``spec``, downloading and verifying it first when absent.
+
+    The download comes from :func:`explicit_url` (``url``, or ``$NEMO_CURATOR_WEIGHTS_URL_<NAME>``)
+    when set, else from the upstream URL. ``offline=True`` forbids only the upstream URL: an
+    explicit (mirror) URL is still used. The content may be the ``.pth`` or a zip holding
+    ``spec.archive_member`` (see the module docstring).
 
     Raises WeightsDownloadError naming the model, the URL and the other ways to supply the file.
     """
     dest = cached_path(spec)
     if dest.is_file():
         return dest
+    if offline and explicit_url(spec, url) is None:
+        raise _download_error(spec, spec.url, f"offline (--offline or HF_HUB_OFFLINE=1), no request made, and no "
+                                              f"mirror URL is set ({spec.url_env})")
     url = resolve_url(spec, url)
     logger.info("downloading the %s weights from %s to %s", spec.description, url, dest)
     try:
-        if spec.archive_member is None:
-            with atomic_write(dest) as f:
-                _verify_digest(spec, url, _download(url, f, timeout))
-        else:
-            _download_and_extract(spec, url, dest, timeout)
+        _download_to_cache(spec, url, dest, timeout)
     except WeightsDownloadError:
         raise
     except (OSError, http.client.HTTPException, ValueError, zipfile.BadZipFile, KeyError) as err:  # URLError is an OSError
@@ -202,19 +225,58 @@ def _download(url: str, out: IO[bytes], timeout: float) -> str:
     return digest.hexdigest()
 
 
-def _download_and_extract(spec: WeightsSpec, url: str, dest: Path, timeout: float) -> None:
-    """Download the zip at ``url`` to a temporary file beside ``dest``; extract its member atomically."""
+def _download_to_cache(spec: WeightsSpec, url: str, dest: Path, timeout: float) -> None:
+    """Download ``url`` to an anonymous temporary file beside ``dest``; write the ``.pth`` (the
+    download itself, or the member extracted from a zip) atomically to ``dest`` once its sha256 matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=dest.parent) as archive:
-        _download(url, archive, timeout)
-        archive.seek(0)
-        with zipfile.ZipFile(archive) as zf, zf.open(_find_member(zf, spec.archive_member)) as member, \
-                atomic_write(dest) as f:
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: member.read(_CHUNK), b""):
-                f.write(chunk)
-                digest.update(chunk)
-            _verify_digest(spec, url, digest.hexdigest())
+    # TemporaryFile: unnamed (O_TMPFILE, or unlinked at once), never visible, so its 0600 mode does not matter
+    with tempfile.TemporaryFile(dir=dest.parent) as download:
+        digest = _download(url, download, timeout)
+        download.seek(0)
+        member = _zip_member_to_extract(spec, download)
+        download.seek(0)
+        with atomic_write(dest) as f:
+            if member is None:
+                for chunk in iter(lambda: download.read(_CHUNK), b""):
+                    f.write(chunk)
+            else:
+                with zipfile.ZipFile(download) as zf, zf.open(member) as source:
+                    hasher = hashlib.sha256()
+                    for chunk in iter(lambda: source.read(_CHUNK), b""):
+                        f.write(chunk)
+                        hasher.update(chunk)
+                    digest = hasher.hexdigest()
+            _verify_digest(spec, url, digest)  # raising here removes the temporary: nothing is saved
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or an empty zip
+_PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2: a legacy (non-zip) torch.save file
+
+
+def _zip_member_to_extract(spec: WeightsSpec, f: IO[bytes]) -> str | None:
+    """What a download is, told by its magic bytes: the zip entry to extract (an upstream-style zip
+    holding ``spec.archive_member``), or None when the content is the ``.pth`` itself.
+
+    A ``.pth`` written by ``torch.save`` is itself a zip (``<name>/data.pkl``, ``<name>/data/0``,
+    ...) or, in the legacy format, a pickle. Raises KeyError for a zip that is neither, and
+    BadZipFile for content that is no zip and no torch file (an HTML page, say) when a zip or a
+    ``.pth`` was expected; without ``archive_member`` any content is the file (the sha256 decides).
+    """
+    if spec.archive_member is None:
+        return None
+    head = f.read(4)
+    f.seek(0)
+    if head.startswith(_ZIP_MAGIC):
+        with zipfile.ZipFile(f) as zf:
+            names = zf.namelist()
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names) and \
+                    not any(n == spec.archive_member or n.endswith("/" + spec.archive_member) for n in names):
+                return None  # torch's zip format: the .pth itself
+            return _find_member(zf, spec.archive_member)
+    if head.startswith(_PICKLE_MAGIC):
+        return None
+    raise zipfile.BadZipFile(f"the content is neither a zip holding {spec.archive_member} nor a torch .pth file "
+                             f"(it starts with {head!r})")
 
 
 def _find_member(zf: zipfile.ZipFile, name: str) -> str:

@@ -5,7 +5,7 @@ import contextlib
 import json
 import re
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -25,10 +25,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     A crash or an exception inside the block leaves ``path`` untouched (old content or absent) and
     removes the temporary file, so a reader never sees a truncated file under the final name.
+    The file gets the mode a plain ``open(path, "w")`` of a new file gives (``0o666`` less the
+    process's umask, or what a default ACL of the folder says), not ``tempfile.mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -39,6 +41,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# mkstemp's flags (exclusive create, no symlink followed, not inherited by children); the mode
+# passed is 0o666 like open()'s, so the kernel applies the umask (or a default ACL) exactly as it
+# does for open(): no umask read (os.umask can only be read by setting it, which races with threads).
+_TMP_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+              | getattr(os, "O_BINARY", 0))
+_TMP_ATTEMPTS = 100
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create ``<folder>/.<name>.<random>.tmp`` exclusively, mode 0o666 less the umask; return (fd, its path)."""
+    for _ in range(_TMP_ATTEMPTS):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        try:
+            return os.open(tmp, _TMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}: {_TMP_ATTEMPTS} names taken")
 
 
 ROW_GROUP_BYTES = 4 * 2**20  # in-memory (Arrow) bytes per parquet row group

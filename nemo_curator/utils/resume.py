@@ -20,10 +20,60 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from typing import Any, Iterable, Mapping
 
 MARKER_VERSION = 1
 RESUME_KEY = "resume"
+
+
+class LineageStep(str):
+    """One operation in a dataset's lineage, typed: what it was (``operation``), what changes its
+    output (``detail``) and, where it reads files whose content its settings do not pin (model
+    weights), their identity (``identity``). Its text (``str(step)``: ``"<operation>:<detail>"``
+    unless given) is what a person reads; ``key`` (the text plus the identity) is what the job
+    fingerprints hold. A lineage is a tuple of steps.
+
+    Operations of this package: ``source`` (the folder read), ``embed``, ``classify``, ``filter``,
+    ``untracked`` (hand edits of the metadata: Dask's token of the edited collection); a plain
+    string given as a step (a user's own ``map_shards``) becomes one of operation ``step``.
+    """
+
+    operation: str
+    detail: str
+    identity: str | None
+
+    def __new__(cls, operation: str, detail: str, text: str | None = None, identity: str | None = None):
+        step = super().__new__(cls, f"{operation}:{detail}" if text is None else text)
+        step.operation, step.detail, step.identity = operation, detail, identity
+        return step
+
+    def __getnewargs__(self):
+        return self.operation, self.detail, str(self), self.identity
+
+    @property
+    def key(self) -> str:
+        """The step as the job fingerprints hold it: its text, and the identity of what it read."""
+        return str(self) if self.identity is None else f"{self}|identity={self.identity}"
+
+    @classmethod
+    def of(cls, step: "LineageStep | str") -> "LineageStep":
+        """A step as it is, or a plain string as a step of operation ``step`` (its text unchanged)."""
+        return step if isinstance(step, LineageStep) else cls("step", str(step), text=str(step))
+
+
+def lineage_keys(lineage) -> list[str]:
+    """A lineage as the job fingerprints hold it (``LineageStep.key`` of each step)."""
+    return [LineageStep.of(step).key for step in lineage]
+
+
+UNTRACKED = "untracked"  # the operation of the step that records hand edits
+
+
+def unidentified_weights() -> str:
+    """A weights identity that matches no other run: for weights that have none (random init),
+    so that a rerun never resumes outputs that a different random model made."""
+    return f"unidentified-{uuid.uuid4().hex}"
 
 
 def fingerprint(obj: Any) -> str:

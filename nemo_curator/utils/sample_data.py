@@ -114,3 +114,12 @@ def make_sample_dataset(path: str | os.PathLike, n_shards: int = 2, samples_per_
         samples = make_samples(samples_per_shard, s * 10_000, rng, image_formats=image_formats, sizes=sizes, photos=chunk)
         tars.append(write_shard(path, shard_name(s, 5), samples, write_index=write_index)["tar"])
     return tars
+
+
+def shared_photos_dir() -> Path | None:
+    """The real photographs of the project's ``shared/sample_images`` folder (beside the repository,
+    or ``$NEMO_CURATOR_SHARED/sample_images``), when it holds ``*.jpg`` files; else None."""
+    root = os.environ.get("NEMO_CURATOR_SHARED")
+    shared = Path(root) if root else Path(__file__).resolve().parents[2].parent / "shared"
+    folder = shared / "sample_images"
+    return folder if folder.is_dir() and any(folder.glob("*.jpg")) else None

@@ -12,11 +12,14 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
+
+from nemo_curator.utils.file_utils import atomic_write
 
 TAR_SUFFIX = ".tar"
 PARQUET_SUFFIX = ".parquet"
 INDEX_SUFFIX = ".idx"
+STATS_SUFFIX = ".stats.json"  # per-shard statistics and completion marker (see utils.resume)
 DEFAULT_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 _MEMBER_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
@@ -41,6 +44,25 @@ class Shard:
             idx=os.path.join(folder, name + INDEX_SUFFIX),
         )
 
+    @classmethod
+    def of_file(cls, path: str | os.PathLike) -> "Shard":
+        """The shard that a file of it (``NNNNN.tar``, ``.parquet``, ``.idx`` or ``.stats.json``) belongs to."""
+        folder, file_name = os.path.split(os.fspath(path))
+        for suffix in (TAR_SUFFIX, PARQUET_SUFFIX, INDEX_SUFFIX, STATS_SUFFIX):
+            if file_name.endswith(suffix) and len(file_name) > len(suffix):
+                return cls.in_folder(folder, file_name[: -len(suffix)])
+        raise ValueError(f"{path} is not a shard file (NNNNN{TAR_SUFFIX}, {PARQUET_SUFFIX}, {INDEX_SUFFIX} "
+                         f"or {STATS_SUFFIX})")
+
+    @property
+    def stats(self) -> str:
+        """``NNNNN.stats.json`` beside the shard's files."""
+        return os.path.join(os.path.dirname(self.tar), self.name + STATS_SUFFIX)
+
+    def moved_to(self, folder: str | os.PathLike) -> "Shard":
+        """The shard of the same name in another folder."""
+        return Shard.in_folder(folder, self.name)
+
 
 def shard_name(index: int, digits: int) -> str:
     """Zero-padded shard name: ``shard_name(42, 5) == "00042"``."""
@@ -60,9 +82,11 @@ def find_shards(path: str | os.PathLike, require_parquet: bool = True) -> list[S
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     tars = {n[: -len(TAR_SUFFIX)] for n in names if n.endswith(TAR_SUFFIX)}
     parquets = {n[: -len(PARQUET_SUFFIX)] for n in names if n.endswith(PARQUET_SUFFIX)}
-    if not tars and not parquets:
+    if not tars and (require_parquet and not parquets):
         raise FileNotFoundError(f"no shards in {folder}: expected webdataset files NNNNN.tar with NNNNN.parquet "
                                 f"beside each (the layout img2dataset writes)")
+    if not tars and not require_parquet:
+        raise FileNotFoundError(f"no shards in {folder}: expected webdataset files NNNNN.tar")
     if require_parquet:
         lonely_tars = sorted(tars - parquets)
         lonely_parquets = sorted(parquets - tars)
@@ -101,6 +125,15 @@ class TarMember:
     ext: str
     offset_data: int
     size: int
+
+
+def pick_image_member(members: Iterable[TarMember],
+                      extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> TarMember | None:
+    """The member of a sample that holds its image: the first of ``extensions`` (in that order of
+    preference, lower case, without dot) that the sample has; None when it has none."""
+    rank = {ext: r for r, ext in enumerate(extensions)}
+    images = [m for m in members if m.ext in rank]
+    return min(images, key=lambda m: rank[m.ext]) if images else None
 
 
 def iter_tar_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, list[TarMember]]]:
@@ -266,9 +299,7 @@ def dali_index_lines(samples: Iterable[tuple[str, list[TarMember]]]) -> list[str
 
 def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> str:
     """Write the DALI index of ``tar_path`` (default: beside it as ``.idx``) atomically; return its path."""
-    from nemo_curator.utils.file_utils import atomic_write
-
-    idx_path = os.fspath(idx_path) if idx_path else os.fspath(tar_path)[: -len(TAR_SUFFIX)] + INDEX_SUFFIX
+    idx_path = os.fspath(idx_path) if idx_path else Shard.of_file(tar_path).idx
     text = "\n".join(dali_index_lines(iter_tar_samples(tar_path))) + "\n"
     with atomic_write(idx_path, "w") as f:
         f.write(text)

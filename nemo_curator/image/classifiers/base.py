@@ -19,8 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from nemo_curator.utils.device import worker_device
 from nemo_curator.utils.distributed_utils import load_object_on_worker
 from nemo_curator.utils.download import WeightsSpec, load_weights
+from nemo_curator.utils.frames import is_null, object_columns, to_pandas
+from nemo_curator.utils.resume import LineageStep, file_identity
 
 if TYPE_CHECKING:
     from nemo_curator.datasets import ImageTextPairDataset
@@ -125,8 +128,8 @@ class ImageClassifier(abc.ABC):
         Non-null embeddings are stacked and scored; null ones (None/NaN) give NaN. The model is
         loaded only when the partition has at least one embedding. ``frame`` is not modified.
         """
-        column = _to_pandas(self._embedding_series(frame))
-        valid = np.fromiter((not _is_missing(v) for v in column), dtype=bool, count=len(column))
+        column = to_pandas(self._embedding_series(frame))
+        valid = np.fromiter((not is_null(v) for v in column), dtype=bool, count=len(column))
         scores = np.full(len(column), np.nan, dtype=self.pred_type)
         if valid.any():
             batch = torch.from_numpy(self.stack_embeddings(column[valid]))
@@ -153,8 +156,9 @@ class ImageClassifier(abc.ABC):
                            f"(columns {list(metadata.columns)}): run an embedder first (or load metadata saved "
                            f"by one), or pass embedding_column= the column that holds the embeddings")
         meta = metadata._meta.assign(**{self.pred_column: np.array([], dtype=self.pred_type)})
-        scored = metadata.map_partitions(_score_partition, self, device, meta=meta)
-        return dataset.with_metadata(scored, lineage_step=repr(self))
+        with object_columns():
+            scored = metadata.map_partitions(_score_partition, self, device, meta=meta)
+        return dataset.with_metadata(scored, lineage_step=LineageStep("classify", repr(self), text=repr(self)))
 
     # ------------------------------------------------------------------------------------------
     def _embedding_series(self, frame):
@@ -193,7 +197,14 @@ class PretrainedHeadClassifier(ImageClassifier):
         self.model_path = None if model_path is None else os.path.abspath(os.path.expanduser(os.fspath(model_path)))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "model_path": self.model_path}
+        """With ``model_path``, also the file's (size, mtime_ns) (``model_file``): a file replaced at the
+        same path is another configuration (worker cache, resume). Downloaded weights are verified
+        against the sha256 of ``weights``."""
+        config = {**super().config(), "model_path": self.model_path}
+        if self.model_path is not None:
+            identity = file_identity(self.model_path)
+            config["model_file"] = None if identity is None else (identity["size"], identity["mtime_ns"])
+        return config
 
     def load_model(self, device: torch.device | str) -> nn.Module:
         model = self.module_class()
@@ -208,19 +219,8 @@ def state_dict_shapes(module_class: type[nn.Module]) -> dict[str, tuple[int, ...
 
 
 def _score_partition(frame, classifier: ImageClassifier, device: str | None):
-    """Dask task: score one partition on the worker (CUDA if it has a GPU and ``device`` is None)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return classifier.score_frame(frame, device=device)
-
-
-def _to_pandas(series) -> pd.Series:
-    return series if isinstance(series, pd.Series) else series.to_pandas()
-
-
-def _is_missing(value) -> bool:
-    """True for a failed row's embedding: None, NaN or pd.NA (an array is never missing)."""
-    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
+    """Dask task: score one partition on the worker (its GPU if it has one and ``device`` is None)."""
+    return classifier.score_frame(frame, device=worker_device(device or "auto"))
 
 
 def _is_int(value) -> bool:

@@ -1,9 +1,9 @@
 """ImageEmbedder: the shard-by-shard embedding job shared by every embedder.
 
-A subclass says how to read a shard (``load_dataset_shard``) and how to build the model
-(``load_embedding_model``); this class runs one Dask task per shard on the worker, loads the
-model and the attached classifier heads once per worker, and joins embeddings and scores to the
-shard's metadata rows BY ID.
+A subclass says how to build the model (``load_embedding_model``) and how to read a shard
+(``iter_shard``, or the legacy ``load_dataset_shard``); this class runs one Dask task per shard on
+the worker, loads the model and the attached classifier heads once per worker, and joins
+embeddings and scores to the shard's metadata rows BY ID.
 """
 from __future__ import annotations
 
@@ -11,36 +11,26 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
-from nemo_curator.image import status as image_status
+from nemo_curator.image.shard_reader import ShardItems
+from nemo_curator.utils.arrow import pandas_like
+from nemo_curator.utils.constants import (DECODE_FAILED, EMBEDDING_COLUMN, EXTRA_IN_TAR, MISSING_IMAGE, OK,
+                                          STATUS_COLUMN)
+from nemo_curator.utils.device import worker_device
 from nemo_curator.utils.distributed_utils import load_object_on_worker
+from nemo_curator.utils.frames import to_pandas
+from nemo_curator.utils.resume import LineageStep, unidentified_weights
+from nemo_curator.utils.stats import EmbedStats
 
 logger = logging.getLogger(__name__)
 
 KEY_FIELD = "__key__"  # webdataset's name for a sample's key, used in metadata dicts
 
-
-@dataclass
-class ShardItems:
-    """What a shard reader yields: a batch of images (or None) and the ids it covers.
-
-    - ``batch`` not None: a float tensor (N, C, H, W) on the model's device; ``ids`` has N ids.
-    - ``batch`` None: ``ids`` whose samples could not be used, with ``status`` saying why
-      (``decode_failed``, or ``extra_in_tar`` for samples that have no metadata row).
-    """
-
-    batch: Any
-    ids: list[str]
-    status: str = image_status.OK
-    error: str | None = None
-
-
-EXTRA_IN_TAR = "extra_in_tar"
+__all__ = ["EXTRA_IN_TAR", "KEY_FIELD", "ImageEmbedder", "RowResults", "ShardItems"]
 
 
 class ImageEmbedder(ABC):
@@ -51,14 +41,21 @@ class ImageEmbedder(ABC):
         image_embedding_column: column that receives float32 embeddings (one array per row).
         classifiers: ``ImageClassifier`` heads run on the embeddings on the same device.
 
-    Subclasses implement ``load_dataset_shard(tar_path)`` → iterable of ``(batch, metadata)``
-    (metadata: one dict per image holding its id under the dataset's id column or ``"__key__"``)
-    and ``load_embedding_model(device)`` → callable mapping a batch to (N, D) embeddings.
+    A subclass implements ``load_embedding_model(device)`` → callable mapping a batch to (N, D)
+    embeddings, and reads shards with ``iter_shard(tar_path, wanted_ids, id_col, device)`` →
+    ``ShardItems`` (a ``DaliShardReader`` does it for images), or with the legacy
+    ``load_dataset_shard(tar_path)`` → ``(batch, metadata)`` pairs (metadata: one dict per image
+    holding its id under the dataset's id column or ``"__key__"``).
     """
 
-    status_column = image_status.STATUS_COLUMN
+    status_column = STATUS_COLUMN
 
-    def __init__(self, model_name: str, image_embedding_column: str, classifiers: Sequence[Any] = ()):
+    def __init__(self, model_name: str, image_embedding_column: str = EMBEDDING_COLUMN,
+                 classifiers: Sequence[Any] = ()):
+        if type(self).iter_shard is ImageEmbedder.iter_shard and \
+                type(self).load_dataset_shard is ImageEmbedder.load_dataset_shard:
+            raise TypeError(f"{type(self).__name__} must implement iter_shard(tar_path, wanted_ids, id_col, device) "
+                            f"(or the legacy load_dataset_shard(tar_path)) to read a shard")
         self.model_name = model_name
         self.image_embedding_column = image_embedding_column
         self.classifiers = list(classifiers)
@@ -72,15 +69,22 @@ class ImageEmbedder(ABC):
                 raise ValueError(f"{type(clf).__name__} reads embedding_column={clf.embedding_column!r} but this embedder "
                                  f"writes {image_embedding_column!r}: make them the same")
 
-    # -- the subclass API (that of the original NeMo Curator image module) ---------------------
-    @abstractmethod
-    def load_dataset_shard(self, tar_path: str) -> Iterable[tuple[Any, list[dict]]]:
-        """Yield ``(batch, metadata)`` for the images of one tar: batch (N, ...) on the model's
-        device, metadata a list of N dicts each holding the sample's id."""
-
+    # -- the subclass API ---------------------------------------------------------------------------
     @abstractmethod
     def load_embedding_model(self, device: str) -> Callable[[Any], Any]:
         """Return a callable mapping a batch to an (N, D) tensor of embeddings on ``device``."""
+
+    def iter_shard(self, tar_path: str, wanted_ids: set[str] | None, id_col: str, device: str) -> Iterator[ShardItems]:
+        """Yield ``ShardItems`` for one shard: batches on ``device`` with their ids, and ids that
+        could not be used with their status. The default wraps the legacy ``load_dataset_shard``."""
+        for batch, metadata in self.load_dataset_shard(tar_path):
+            ids = [str(m[id_col] if id_col in m else m[KEY_FIELD]) for m in metadata]
+            yield ShardItems(batch, ids)
+
+    def load_dataset_shard(self, tar_path: str) -> Iterable[tuple[Any, list[dict]]]:
+        """Legacy reader (NeMo Curator 0.x): yield ``(batch, metadata)`` for the images of one tar,
+        batch (N, ...) on the model's device, metadata a list of N dicts each holding the sample's id."""
+        raise NotImplementedError(f"{type(self).__name__} reads shards with iter_shard")
 
     # -- hooks ----------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -92,16 +96,20 @@ class ImageEmbedder(ABC):
         part of the worker cache key, not of the lineage. Empty by default."""
         return {}
 
+    def weights_identity(self) -> dict | None:
+        """What identifies the model's weights beyond ``config()`` (a file's size and mtime, a hub
+        revision), or None when nothing does (random weights): outputs of such a run are then never
+        resumed by another. ``{}`` by default: the configuration says it all (override it when the
+        weights come from a file or a hub)."""
+        return {}
+
     def normalize(self, embeddings):
         """Post-process (N, D) embeddings before the heads; identity by default."""
         return embeddings
 
-    def iter_shard(self, tar_path: str, wanted_ids: set[str], id_col: str, device: str) -> Iterator[ShardItems]:
-        """Yield ``ShardItems`` for one shard. The default wraps ``load_dataset_shard``; subclasses
-        may override it to skip samples that are not wanted and report decode failures."""
-        for batch, metadata in self.load_dataset_shard(tar_path):
-            ids = [str(m[id_col] if id_col in m else m[KEY_FIELD]) for m in metadata]
-            yield ShardItems(batch, ids)
+    def worker_device(self) -> str:
+        """The device this worker computes on: its GPU when it has one, else the CPU."""
+        return worker_device("auto")
 
     # -- the job ----------------------------------------------------------------------------------
     def __call__(self, dataset):
@@ -112,22 +120,25 @@ class ImageEmbedder(ABC):
         meta[self.status_column] = pd.Series([], dtype=meta[dataset.id_col].dtype)
         for clf in self.classifiers:
             meta[clf.pred_column] = pd.Series([], dtype=np.float32)
-        lineage = repr(sorted(self.config().items())) + "|" + "|".join(repr(c.cache_key()) for c in self.classifiers)
-        return dataset.map_shards(_ShardTask(self, dataset.id_col), meta=meta, lineage_step=f"embed:{lineage}",
+        weights = self.weights_identity()
+        if weights is None:
+            weights = unidentified_weights()
+            logger.info("%s: weights without an identity (random): outputs of this run will not be resumed by another",
+                        type(self).__name__)
+        detail = repr(sorted(self.config().items())) + "|" + "|".join(repr(c.cache_key()) for c in self.classifiers)
+        step = LineageStep("embed", detail, identity=repr(weights))
+        return dataset.map_shards(_ShardTask(self, dataset.id_col, step.key), meta=meta, lineage_step=step,
                                   returns_stats=True, name="embed-shard")
 
-    def worker_device(self) -> str:
-        """The device this worker computes on: its GPU when it has one, else the CPU."""
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
     def get_model(self, device: str):
-        key = tuple(sorted({**self.config(), **self.runtime_config()}.items())) + (("device", device),)
+        """The model on ``device``, loaded once per worker process, configuration and weights (a file
+        replaced at the same path is loaded again)."""
+        key = tuple(sorted({**self.config(), **self.runtime_config()}.items())) + (
+            ("device", device), ("weights", repr(self.weights_identity())))
         return load_object_on_worker(key, lambda: self.load_embedding_model(device))
 
-    def embed_shard(self, frame: pd.DataFrame, tar_path: str, id_col: str) -> tuple[pd.DataFrame, dict]:
-        """Embed and score one shard; return (frame with new columns, stats).
+    def embed_shard(self, frame, tar_path: str, id_col: str) -> tuple[Any, dict]:
+        """Embed and score one shard; return (frame with new columns, stats: ``EmbedStats`` as a dict).
 
         Rows are matched to images by id. Rows without an image get status ``missing_image``;
         images that fail to decode ``decode_failed``; both keep their row with a null embedding
@@ -139,8 +150,7 @@ class ImageEmbedder(ABC):
         device = self.worker_device()
         model = self.get_model(device)
         heads = [clf.get_model(device) for clf in self.classifiers]
-        is_pandas = isinstance(frame, pd.DataFrame)
-        pdf = frame if is_pandas else frame.to_pandas()
+        pdf = to_pandas(frame)
         ids = pdf[id_col].astype(str).tolist()
         wanted = set(ids)
 
@@ -166,19 +176,16 @@ class ImageEmbedder(ABC):
             extra += results.add(item.ids, emb.cpu().numpy(), batch_scores)
 
         out, counts = self._output_frame(pdf, id_col, results.finish(), failed)
-        counts[EXTRA_IN_TAR] = extra
         seconds = time.time() - started
-        stats = {"tar": tar_path, "samples_in": len(pdf), **counts, "embed_seconds": round(seconds, 3),
-                 "images_per_second": round(counts["embedded"] / seconds, 2) if seconds > 0 else None}
-        if first_error:
-            stats["first_error"] = first_error[:500]
-        level = logging.WARNING if counts["decode_failed"] or counts["missing_image"] or counts[EXTRA_IN_TAR] else logging.INFO
-        logger.log(level, "embedded %s: %s", os.path.basename(tar_path), {k: v for k, v in stats.items() if k != "first_error"})
-        if not is_pandas:  # cuDF: go through Arrow so that embeddings become a list<float32> column
-            from nemo_curator.datasets.image_text_pair_dataset import partition_to_arrow
-
-            out = type(frame).from_arrow(partition_to_arrow(out, compact_nulls=True))
-        return out, stats
+        stats = EmbedStats(tar=tar_path, samples_in=len(pdf), embedded=counts["embedded"],
+                           decode_failed=counts[DECODE_FAILED], missing_image=counts[MISSING_IMAGE],
+                           extra_in_tar=extra, embed_seconds=round(seconds, 3),
+                           images_per_second=round(counts["embedded"] / seconds, 2) if seconds > 0 else None,
+                           first_error=first_error[:500] if first_error else None)
+        level = logging.WARNING if stats.decode_failed or stats.missing_image or stats.extra_in_tar else logging.INFO
+        logger.log(level, "embedded %s: %s", os.path.basename(tar_path),
+                   {k: v for k, v in stats.to_dict().items() if k != "first_error"})
+        return pandas_like(out, frame), stats.to_dict()
 
     def _output_frame(self, pdf, id_col: str, results: "RowResults", failed: dict[str, str]):
         """``pdf`` plus the embedding, status and score columns; and the row status counts."""
@@ -186,8 +193,8 @@ class ImageEmbedder(ABC):
         emb_col = np.empty(n, dtype=object)  # row views of results.embeddings: no copy of the values
         for r in np.flatnonzero(results.has):
             emb_col[r] = results.embeddings[r]
-        status = np.full(n, image_status.MISSING_IMAGE, dtype=object)
-        status[results.has] = image_status.OK
+        status = np.full(n, MISSING_IMAGE, dtype=object)
+        status[results.has] = OK
         if failed:
             for r, i in enumerate(results.row_ids):
                 if i in failed and not results.has[r]:
@@ -198,8 +205,8 @@ class ImageEmbedder(ABC):
         for clf, col in zip(self.classifiers, results.scores):
             out[clf.pred_column] = clf.postprocess(pd.Series(col, index=pdf.index)).astype(np.float32)
         counts = {"embedded": int(results.has.sum()),
-                  image_status.DECODE_FAILED: int((status == image_status.DECODE_FAILED).sum()),
-                  image_status.MISSING_IMAGE: int((status == image_status.MISSING_IMAGE).sum())}
+                  DECODE_FAILED: int((status == DECODE_FAILED).sum()),
+                  MISSING_IMAGE: int((status == MISSING_IMAGE).sum())}
         return out, counts
 
 
@@ -267,15 +274,15 @@ def _first_dups(ids: list[str]) -> list[str]:
 
 
 class _ShardTask:
-    """The picklable per-shard callable: ``(partition, tar_path) -> (partition, stats)``."""
+    """The picklable per-shard callable: ``(partition, tar_path) -> (partition, stats dict)``."""
 
-    def __init__(self, embedder: ImageEmbedder, id_col: str):
+    def __init__(self, embedder: ImageEmbedder, id_col: str, lineage_detail: str):
         self.embedder = embedder
         self.id_col = id_col
+        self.lineage_detail = lineage_detail  # config, heads and weights: what makes the results
 
     def __call__(self, frame, tar_path: str):
         return self.embedder.embed_shard(frame, tar_path, self.id_col)
 
     def __dask_tokenize__(self):
-        return (type(self.embedder).__qualname__, sorted(self.embedder.config().items()), self.id_col,
-                [c.cache_key() for c in self.embedder.classifiers])
+        return (type(self.embedder).__qualname__, self.lineage_detail, self.id_col)

@@ -1,0 +1,91 @@
+"""The device policy and the autocast policy: where a worker computes and in which precision.
+
+- ``worker_device(requested)``: "auto" is the worker's GPU when it has one, else the CPU.
+- ``resolve_bf16(precision, device)``: "auto" runs bf16 autocast where the hardware computes bf16
+  natively (every CUDA GPU this package supports; a CPU with AVX512-BF16 or AMX), "bf16" always
+  (with a warning where the CPU emulates it: several times slower than fp32), "fp32" never.
+
+Both are decided on the worker, where the hardware is, never on the client.
+"""
+from __future__ import annotations
+
+import logging
+
+from nemo_curator.utils.constants import PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+_warned_emulated = False
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA GPU through torch (False for a torch without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken CUDA install reads as "no GPU"
+        return False
+
+
+def cuda_device_count() -> int:
+    """CUDA GPUs visible to this process (0 without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is one of ``DEVICES`` (or "cuda:N"), else a ValueError saying which are."""
+    if device in DEVICES or (isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ValueError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}")
+
+
+def worker_device(requested: str = "auto") -> str:
+    """The device to compute on in this process: ``requested``, or for "auto" "cuda" when a GPU is
+    visible, else "cpu"."""
+    check_device(requested)
+    if requested != "auto":
+        return requested
+    return "cuda" if cuda_available() else "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it, bf16 autocast on the CPU is emulated and much slower than fp32: ViT-L/14 on 2 AVX2
+    cores ran at 0.13 img/s with autocast against 0.99 img/s in fp32.
+    """
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume the common case, no bf16 hardware
+        return False
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def resolve_bf16(precision: str, device: str) -> bool:
+    """Whether to run under bf16 autocast on ``device`` for ``precision`` ("auto", "bf16", "fp32")."""
+    global _warned_emulated
+    check_precision(precision)
+    on_cuda = device.startswith("cuda")
+    if precision == "fp32":
+        return False
+    if precision == "auto":
+        return on_cuda or cpu_has_fast_bf16()
+    if not on_cuda and not cpu_has_fast_bf16() and not _warned_emulated:
+        _warned_emulated = True
+        logger.warning("precision='bf16' on a CPU without bf16 hardware (no AVX512-BF16/AMX): bf16 is emulated, "
+                       "several times slower than fp32; precision='auto' would run fp32 here")
+    return True
