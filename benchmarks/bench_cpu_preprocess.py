@@ -30,9 +30,17 @@ from common import (MODEL_NAME, SIZES, TINY_MODEL_KWARGS, cpu_seconds, fmt_rate,
 BATCH = 32
 
 
-def ours_case(tars, embedder_cls, batch_size=BATCH, threads=None, depth=None, use_index_files=False):
-    from nemo_curator.image.embedders import timm as timm_module
+def reader_module(embedder_cls):
+    """The module whose DALI reader ``embedder_cls`` runs (``_PREFETCH_DEPTH``, ``dali_preprocess``):
+    the shard reader now, the embedder's own module in a baseline revision."""
+    from nemo_curator.image import shard_reader
 
+    module = sys.modules[embedder_cls.__module__]
+    return module if hasattr(module, "_PREFETCH_DEPTH") else shard_reader
+
+
+def ours_case(tars, embedder_cls, batch_size=BATCH, threads=None, depth=None, use_index_files=False):
+    timm_module = reader_module(embedder_cls)
     threads = threads or os.cpu_count()
     embedder = embedder_cls(MODEL_NAME, batch_size=batch_size, num_threads_per_worker=threads, model_kwargs=TINY_MODEL_KWARGS,
                             use_index_files=use_index_files)
@@ -153,15 +161,17 @@ def main(argv=None):
             tars = tars_of(folder)
 
             def variant(timm_module, preprocess):
-                inner = ours_case(tars, timm_module.TimmImageEmbedder)
+                embedder_cls = timm_module.TimmImageEmbedder
+                inner = ours_case(tars, embedder_cls)
+                patched = reader_module(embedder_cls)
 
                 def run(tars=tars):
-                    saved = timm_module.dali_preprocess
-                    timm_module.dali_preprocess = preprocess
+                    saved = patched.dali_preprocess
+                    patched.dali_preprocess = preprocess
                     try:
                         return inner(tars=tars)
                     finally:
-                        timm_module.dali_preprocess = saved
+                        patched.dali_preprocess = saved
                 return run
 
             cases = {"before (both old)": variant(old_timm, old_preprocess),

@@ -37,8 +37,8 @@ PHOTO_GLOB = os.environ.get("NEMO_BENCH_PHOTOS", str(ROOT.parent / "shared" / "s
 
 # The model of every CPU benchmark: the CLIP ViT-L/14 architecture shrunk to 2 blocks of width 64
 # (it keeps the 768-d CLIP head and the real 224 px eval transform), random weights.
-MODEL_NAME = "vit_large_patch14_clip_quickgelu_224.openai"
-TINY_MODEL_KWARGS = dict(embed_dim=64, depth=2, num_heads=2)
+from nemo_curator.utils.constants import DEFAULT_MODEL as MODEL_NAME  # noqa: E402
+from nemo_curator.utils.constants import TINY_MODEL_KWARGS  # noqa: E402
 WEIGHTS_DIR = Path(os.environ.get("NEMO_BENCH_WEIGHTS", ROOT.parent / "shared" / "weights"))
 AESTHETIC_WEIGHTS = WEIGHTS_DIR / "sac+logos+ava1-l14-linearMSE.pth"
 NSFW_WEIGHTS = WEIGHTS_DIR / "clip_autokeras_binary_nsfw.pth"

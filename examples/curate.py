@@ -20,7 +20,8 @@ from nemo_curator.datasets import ImageTextPairDataset
 from nemo_curator.image.classifiers import AestheticClassifier, NsfwClassifier, write_random_heads
 from nemo_curator.image.embedders import TimmImageEmbedder
 from nemo_curator.report import default_thresholds, make_report, quantile_thresholds
-from nemo_curator.utils.constants import DEFAULT_MODEL, SMOKE_WARNING, TINY_MODEL_KWARGS
+from nemo_curator.utils.constants import (DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_MODEL, DEFAULT_NSFW_THRESHOLD, SMOKE_WARNING,
+                                          TINY_MODEL_KWARGS)
 from nemo_curator.utils.device import cuda_available
 
 
@@ -33,8 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--wait-for-workers", type=int, default=1, help="with a running cluster: workers to wait for")
     p.add_argument("--batch-size", type=int, default=256 if cuda_available() else 32)
     p.add_argument("--threads", type=int, help="DALI threads per worker (default: the cores per worker)")
-    p.add_argument("--aesthetic-threshold", type=float, default=6.0, help="keep aesthetic_score above it")
-    p.add_argument("--nsfw-threshold", type=float, default=0.5, help="keep nsfw_score below it")
+    p.add_argument("--aesthetic-threshold", type=float, default=DEFAULT_AESTHETIC_THRESHOLD, help="keep aesthetic_score above it")
+    p.add_argument("--nsfw-threshold", type=float, default=DEFAULT_NSFW_THRESHOLD, help="keep nsfw_score below it")
     # auto: bf16 where the hardware computes it (GPUs, AVX512-BF16/AMX CPUs), decided on each worker
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny random model and random heads (offline; scores mean nothing)")

@@ -19,7 +19,7 @@ import pandas as pd
 
 from nemo_curator.filtering import evaluate_filter, expression_columns
 from nemo_curator.utils.constants import (AESTHETIC_COLUMN, DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_NSFW_THRESHOLD,
-                                          KEEP_COLUMN, NSFW_COLUMN, OK, STATUS_COLUMN, STATUSES)
+                                          DEFAULT_ID_COL, KEEP_COLUMN, NSFW_COLUMN, OK, STATUS_COLUMN, STATUSES)
 from nemo_curator.utils.file_utils import atomic_write, write_json_atomic
 from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.resume import read_json
@@ -88,7 +88,7 @@ class Report:
 
 # ----------------------------------------------------------------------------------------------
 def make_report(source, output_dir: str | os.PathLike | None = None, *, curated: str | os.PathLike | None = None,
-                filter_expr: str | None = None, thresholds: Sequence[Threshold] | None = None, id_col: str = "key",
+                filter_expr: str | None = None, thresholds: Sequence[Threshold] | None = None, id_col: str = DEFAULT_ID_COL,
                 title: str | None = None, examples: int = 6) -> Report:
     """Summarise a scored dataset; with ``output_dir``, write the report files there.
 
@@ -126,7 +126,7 @@ def make_report(source, output_dir: str | os.PathLike | None = None, *, curated:
     return report
 
 
-def load_scores(source, extra_columns: Sequence[str] = (), id_col: str = "key") -> pd.DataFrame:
+def load_scores(source, extra_columns: Sequence[str] = (), id_col: str = DEFAULT_ID_COL) -> pd.DataFrame:
     """The rows of a dataset with only the columns a report needs, plus ``_tar`` (the row's shard).
 
     Columns read when present: ``id_col``, ``image_status``, ``aesthetic_score``, ``nsfw_score``,
@@ -374,7 +374,7 @@ def example_groups(frame: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
     return {f"kept ({len(kept)})": kept.head(n), f"dropped ({len(dropped)})": dropped.head(n)}
 
 
-def plot_image_grid(groups: Mapping[str, pd.DataFrame], id_col: str = "key", title: str | None = None,
+def plot_image_grid(groups: Mapping[str, pd.DataFrame], id_col: str = DEFAULT_ID_COL, title: str | None = None,
                     label_columns: Sequence[str] = (AESTHETIC_COLUMN, NSFW_COLUMN)):
     """A Figure with one row of thumbnails per group; rows need ``id_col`` and ``_tar`` (see ``load_scores``).
 

@@ -109,17 +109,21 @@ def _start_local_cluster(cluster_class=None, **kwargs):
     try:
         return cluster_class(**kwargs)
     except Exception as err:
-        if "failed to start" not in str(err).lower() or not _main_is_a_script():
+        main_file = _main_file()
+        if "failed to start" not in str(err).lower() or main_file is None:
             raise
+        hint = MAIN_GUARD_HINT if os.path.isfile(main_file) else (
+            f"the main module is {main_file!r}, not a file: Dask's spawned worker processes import the main module "
+            f"again, so save the code as a script (under `if __name__ == \"__main__\":`) and run that")
         raise RuntimeError(f"the local Dask cluster could not start its workers ({type(err).__name__}: {err}). "
-                           f"{MAIN_GUARD_HINT}") from err
+                           f"{hint}") from err
 
 
-def _main_is_a_script() -> bool:
-    """Whether ``__main__`` is a file that a spawned worker imports again (not an interpreter or a notebook)."""
+def _main_file() -> str | None:
+    """The file of ``__main__`` that spawned workers import again; None in an interpreter or a notebook."""
     import sys
 
-    return bool(getattr(sys.modules.get("__main__"), "__file__", None))
+    return getattr(sys.modules.get("__main__"), "__file__", None)
 
 
 def _in_spawned_import() -> bool:
@@ -208,9 +212,11 @@ def _count_threads_per_worker() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     try:
+        from distributed.comm import get_address_host
+
+        host = get_address_host(worker.address)
         workers = _get_client().scheduler_info(n_workers=-1)["workers"].values()
-        host = worker.address.rsplit(":", 1)[0]
-        on_host = sum(1 for w in workers if str(w.get("address", "")).rsplit(":", 1)[0] == host) or 1
+        on_host = sum(1 for w in workers if w.get("host") == host) or 1
     except Exception:  # noqa: BLE001 - no answer from the scheduler: count this worker alone
         on_host = 1
     return max(1, cores // on_host)

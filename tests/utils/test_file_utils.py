@@ -6,18 +6,18 @@ from a real local HTTP server.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 
 import nemo_curator
-from test_download import WeightsServer, zip_bytes
-
 from nemo_curator.image.classifiers.aesthetic import AESTHETIC_WEIGHTS
 from nemo_curator.image.classifiers.nsfw import NSFW_WEIGHTS
 
@@ -51,17 +51,19 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture
-def server(shared_dir):
-    s = WeightsServer()
-    s.routes["/a.pth"] = ("bytes", (shared_dir / "weights" / AESTHETIC_WEIGHTS.filename).read_bytes())
-    s.routes["/nsfw.zip"] = ("bytes", zip_bytes({NSFW_WEIGHTS.archive_member:
-                                                 (shared_dir / "weights" / NSFW_WEIGHTS.filename).read_bytes()}))
-    yield s
-    s.close()
+def weights_server(server, shared_dir):
+    """The local weights server (conftest) serving the aesthetic .pth and the upstream NSFW zip."""
+    server.routes["/a.pth"] = ("bytes", (shared_dir / "weights" / AESTHETIC_WEIGHTS.filename).read_bytes())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(NSFW_WEIGHTS.archive_member, (shared_dir / "weights" / NSFW_WEIGHTS.filename).read_bytes())
+    server.routes["/nsfw.zip"] = ("bytes", buf.getvalue())
+    return server
 
 
 @pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
-def test_written_files_get_the_mode_open_gives_under_the_umask(server, tmp_path, umask, expected):
+def test_written_files_get_the_mode_open_gives_under_the_umask(weights_server, tmp_path, umask, expected):
+    server = weights_server
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEMO_CURATOR_WEIGHTS_URL_")}
     root = os.path.dirname(os.path.dirname(nemo_curator.__file__))  # the subprocess imports this same package
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])

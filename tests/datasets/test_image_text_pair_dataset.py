@@ -197,3 +197,71 @@ def test_parquet_of_embeddings_in_bounded_row_groups_without_dictionary(tmp_path
     assert any("DICTIONARY" in e for e in columns["tags.list.element"].encodings)  # nested, not floats: kept
     back = pd.read_parquet(tmp_path / "x.parquet")
     np.testing.assert_array_equal(np.stack(back["emb"].to_numpy()), emb)
+
+
+def test_a_file_that_is_not_parquet_is_named(dataset_dir, client):
+    (dataset_dir / "00001.parquet").write_bytes(b"these bytes are not a parquet file" * 10)
+    with pytest.raises(ValueError, match=r"00001\.parquet is not a readable parquet file"):
+        ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    from nemo_curator.datasets.image_text_pair_dataset import read_shard_metadata
+
+    with pytest.raises(ValueError, match=r"00001\.parquet is not a readable parquet file"):
+        read_shard_metadata(str(dataset_dir / "00001.parquet"), "key", ["key"])
+
+
+def test_legacy_id_field_spelling(dataset_dir, client):
+    legacy = ImageTextPairDataset.from_webdataset(path=str(dataset_dir), id_field="key")
+    assert legacy.id_col == "key" and len(legacy.metadata.compute()) == 12
+    with pytest.raises(ValueError, match="legacy spelling"):
+        ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key", id_field="caption")
+    with pytest.raises(TypeError, match="needs id_col"):
+        ImageTextPairDataset.from_webdataset(str(dataset_dir))
+
+
+def test_shards_are_records_and_the_legacy_lists_are_read_only_views(dataset_dir, client):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    assert [s.name for s in ds.shards] == ["00000", "00001", "00002"]
+    assert ds.tar_files == [s.tar for s in ds.shards] and ds.metadata_files == [s.metadata_file for s in ds.shards]
+    assert ds.shard_stats == [None] * 3
+    ds.tar_files.append("elsewhere.tar")  # a copy: the dataset does not change
+    assert len(ds.tar_files) == 3
+    with pytest.raises(AttributeError):
+        ds.tar_files = []
+    legacy = ImageTextPairDataset(str(dataset_dir), ds.metadata, ds.tar_files, "key")  # the 0.x constructor
+    assert legacy.metadata_files == ds.metadata_files
+
+
+def test_save_metadata_points_the_dataset_at_what_it_wrote_and_only_then(dataset_dir, tmp_path_factory, client):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    before = (ds.metadata, ds.metadata_files, ds.lineage)
+    ds.save_metadata(str(tmp_path_factory.mktemp("some")), columns=["caption"], show_progress=False)
+    assert (ds.metadata, ds.metadata_files, ds.lineage) == before  # a subset of columns: nothing changes
+    out = tmp_path_factory.mktemp("all")
+    ds.save_metadata(str(out), show_progress=False)
+    assert ds.metadata_files == [str(out / f"{i:05d}.parquet") for i in range(3)]
+    assert ds.tar_files == [str(dataset_dir / f"{i:05d}.tar") for i in range(3)] and ds.lineage == before[2]
+    assert ds.metadata is not before[0] and list(ds.metadata.columns) == list(before[0].columns)
+    pd.testing.assert_frame_equal(ds.metadata.compute(), before[0].compute())
+
+
+def test_importing_the_package_leaves_dask_configuration_alone():
+    import subprocess
+    import sys
+
+    code = ("import dask; before = dask.config.get('dataframe.convert-string', 'unset'); "
+            "import nemo_curator, nemo_curator.datasets, nemo_curator.image.embedders, nemo_curator.report; "
+            "print(before == dask.config.get('dataframe.convert-string', 'unset'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_embedding_arrays_stay_arrays_through_user_steps(dataset_dir, client):
+    """Dask's string conversion is off only where the package builds collections: a user's own
+    step on the metadata keeps an array column as arrays."""
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    meta = ds.metadata._meta.assign(vec=pd.Series([], dtype=object))
+    with_vectors = ds.map_shards(lambda frame, tar: frame.assign(vec=[np.ones(3, np.float32)] * len(frame)),
+                                 meta=meta, lineage_step="vectors")
+    with_vectors.metadata["n"] = with_vectors.metadata["caption"].str.len()  # a hand edit, outside the package
+    frame = with_vectors.metadata.compute()
+    assert isinstance(frame["vec"].iloc[0], np.ndarray) and frame["vec"].iloc[0].dtype == np.float32

@@ -77,3 +77,46 @@ def test_gpu_cluster_one_worker_per_gpu():
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_auto_starts_cpu_workers_on_a_machine_without_gpu():
+    from nemo_curator.utils.distributed_utils import local_cluster_type
+    from nemo_curator.utils.device import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU: 'auto' means GPU workers here")
+    assert local_cluster_type() == "cpu"
+    client = get_client(cluster_type="auto", n_workers=1, dashboard_address=":0")
+    try:
+        assert type(client.cluster).__name__ == "LocalCluster" and client.submit(abs, -3).result() == 3
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    with pytest.raises(ValueError, match="cluster_type must be one of"):
+        get_client(cluster_type="tpu")
+
+
+UNGUARDED_SCRIPT = """
+from nemo_curator import get_client
+
+client = get_client(cluster_type="cpu", n_workers=1, dashboard_address=":0")  # no __main__ guard
+print("started", flush=True)
+client.close()
+"""
+
+
+def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode != 0 and "started" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError:") and 'if __name__ == "__main__":' in last, done.stderr[-3000:]
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in UNGUARDED_SCRIPT.splitlines()))
+    done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr[-3000:]

@@ -16,12 +16,10 @@ import pytest
 import torch
 
 from nemo_curator.datasets import ImageTextPairDataset
-from nemo_curator.filtering import (FilterExpressionError, add_filter_column, check_expression, evaluate_filter,
-                                    expression_columns)
-from nemo_curator.image.classifiers import AestheticMLP
+from nemo_curator.filtering import FilterExpressionError, add_filter_column
+from nemo_curator.image.classifiers import AestheticMLP, write_random_heads
 from nemo_curator.report import _throughput
 from nemo_curator.scripts.cli import build_parser, main
-from nemo_curator.image.classifiers import write_random_heads
 from nemo_curator.utils.webdataset import read_dali_index
 
 CLI = str(Path(sys.executable).with_name("nemo-curator-image"))
@@ -272,21 +270,6 @@ def test_scheduler_file_option_connects_to_a_running_cluster(client, tmp_path, c
 
 # ----------------------------------------------------------------------------------------------
 # Filter expressions
-def test_evaluate_filter_is_per_row_and_drops_nan_scores():
-    frame = pd.DataFrame({"aesthetic_score": np.array([7, 5, np.nan, 6.5], np.float32),
-                          "nsfw_score": np.array([0.1, 0.1, 0.1, 0.9], np.float32),
-                          "my col": [1, 2, 3, 4]})
-    keep = evaluate_filter(frame, "aesthetic_score > 6 and nsfw_score < 0.5")
-    assert keep.dtype == bool and keep.tolist() == [True, False, False, False]
-    assert evaluate_filter(frame, "not (`my col` in [1, 2]) | (aesthetic_score >= 7)").tolist() == [True, False, True, True]
-    nullable = pd.DataFrame({"flag": pd.array([True, None, False], dtype="boolean")})
-    assert evaluate_filter(nullable, "flag").tolist() == [True, False, False]
-    assert expression_columns("a > 1 and `b c` < 2 or a < 0") == ["b c", "a"]
-    for bad in ("a = 1", "@frame", "a.b > 1", "lambda: 1", ""):
-        with pytest.raises(FilterExpressionError):
-            check_expression(bad)
-
-
 def test_add_filter_column_is_lazy_and_checked_up_front(embedded):
     dataset = ImageTextPairDataset.from_webdataset(str(embedded), id_col="key")
     with pytest.raises(FilterExpressionError, match="'score' is not defined"):
@@ -380,3 +363,11 @@ def test_precision_auto_avoids_emulated_bf16_on_cpus():
     assert embedder(["embed", "d"]).uses_bf16("cpu") is cpu_has_fast_bf16()
     assert embedder(["embed", "d", "--precision", "bf16"]).uses_bf16("cpu") is True
     assert embedder(["embed", "d", "--precision", "fp32"]).uses_bf16("cuda") is False
+
+def test_index_of_a_folder_without_tars_says_what_it_expects(tmp_path, capsys):
+    assert main(["index", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no shards in" in err and "NNNNN.tar" in err and "parquet" not in err
+    assert main(["sample", str(tmp_path / "d"), "--shards", "1", "--samples-per-shard", "2"]) == 0
+    (tmp_path / "d" / "00000.parquet").unlink()  # index needs no parquet
+    assert main(["index", str(tmp_path / "d")]) == 0 and (tmp_path / "d" / "00000.idx").is_file()

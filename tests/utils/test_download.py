@@ -5,10 +5,8 @@ import dataclasses
 import hashlib
 import io
 import socket
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -27,70 +25,6 @@ from nemo_curator.utils.download import (
 )
 
 HTML_PAGE = b"<!DOCTYPE html><html><head><title>GitHub</title></head><body>Sign in</body></html>\n" * 20
-
-
-class WeightsServer:
-    """A real HTTP server on 127.0.0.1 (port chosen by the OS) serving ``routes``.
-
-    A route is ``("bytes", data)``, ``("truncate", data)`` (announces len(data), sends half and
-    closes), ``("raw", data)`` (not HTTP), ``("status", code)`` or ``("hang", None)`` (never answers until the test ends).
-    """
-
-    def __init__(self):
-        self.routes: dict[str, tuple] = {}
-        self.requests: list[str] = []
-        self.release = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                kind, payload = server.routes.get(self.path, ("status", 404))
-                if kind == "hang":
-                    server.release.wait(30)
-                    return
-                if kind == "raw":
-                    self.wfile.write(payload)
-                    return
-                if kind == "status":
-                    self.send_error(payload)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload if kind == "bytes" else payload[: len(payload) // 2])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = WeightsServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty cache home; URL overrides from the environment removed."""
-    monkeypatch.setenv("NEMO_CURATOR_HOME", str(tmp_path / "home"))
-    for spec in (AESTHETIC_WEIGHTS, NSFW_WEIGHTS):
-        monkeypatch.delenv(spec.url_env, raising=False)
-    return tmp_path / "home"
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

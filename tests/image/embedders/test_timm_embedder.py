@@ -220,6 +220,7 @@ HF_SCRIPT = textwrap.dedent("""
         print("ERROR", err); sys.exit(3)
     out = model(torch.zeros(1, 3, 224, 224))
     print("SHAPE", tuple(out.shape), float(out.float().abs().sum()))
+    print("IDENTITY", emb.weights_identity())
 """ % (MODEL, TINY))
 
 
@@ -239,6 +240,8 @@ def test_pretrained_from_offline_hf_cache(tmp_path, tiny_checkpoint):
     done = _run_offline(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "SHAPE (1, 768)" in done.stdout
+    # the hub revision the cache holds identifies the weights in the lineage
+    assert "'revision': 'abc123'" in done.stdout and "'hub': 'timm/vit_large_patch14_clip_224.openai'" in done.stdout
 
 
 def test_missing_weights_say_how_to_supply_them(tmp_path):
@@ -382,3 +385,30 @@ def test_autocast_uses_bf16_only_where_the_hardware_has_it():
     assert on.uses_bf16("cuda") and on.uses_bf16("cuda:1")
     assert on.uses_bf16("cpu") is cpu_has_fast_bf16()
     assert not off.uses_bf16("cuda") and not off.uses_bf16("cpu")
+
+
+def test_precision_is_one_policy_with_autocast_as_its_legacy_switch():
+    assert TimmImageEmbedder(MODEL, model_kwargs=TINY).precision == "auto"
+    assert TimmImageEmbedder(MODEL, model_kwargs=TINY, autocast=False).precision == "fp32"
+    forced = TimmImageEmbedder(MODEL, model_kwargs=TINY, precision="bf16")
+    assert forced.uses_bf16("cpu") and forced.config()["precision"] == "bf16"
+    with pytest.raises(ValueError, match="autocast=False means fp32"):
+        TimmImageEmbedder(MODEL, model_kwargs=TINY, autocast=False, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TimmImageEmbedder(MODEL, model_kwargs=TINY, precision="half")
+
+
+def test_an_embedder_must_say_how_it_reads_a_shard():
+    class NoReader(ImageEmbedder):
+        def load_embedding_model(self, device):
+            return lambda batch: batch
+
+    with pytest.raises(TypeError, match="must implement iter_shard"):
+        NoReader("m")
+
+
+def test_weights_identity_names_the_checkpoint_file_and_none_for_random_weights(tiny_checkpoint):
+    random = TimmImageEmbedder(MODEL, model_kwargs=TINY)
+    assert random.weights_identity() is None
+    ident = TimmImageEmbedder(MODEL, model_kwargs=TINY, checkpoint_path=tiny_checkpoint).weights_identity()
+    assert ident["checkpoint"] == tiny_checkpoint and ident["size"] == os.path.getsize(tiny_checkpoint)
