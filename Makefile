@@ -16,7 +16,7 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra tests README.md docs
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu tests

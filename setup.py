@@ -39,7 +39,8 @@ setup(
         # CUDA 12 stack. For CUDA 13 install the *-cu13 / cuda13x / nvidia-dali-cuda130 wheels
         # instead (see README, "GPU install").
         "gpu": ["dask-cuda>=24.12", "cudf-cu12>=24.12", "dask-cudf-cu12>=24.12", "cupy-cuda12x>=13"],
-        "test": ["pytest>=7", "nbformat>=5", "nbclient>=0.9", "ipykernel>=6"],
+        # sybil: every code block of README.md and docs/*.md runs as a test (conftest.py)
+        "test": ["pytest>=7", "sybil>=9", "nbformat>=5", "nbclient>=0.9", "ipykernel>=6"],
     },
     entry_points={"console_scripts": ["nemo-curator-image=nemo_curator.scripts.cli:main"]},
 )

@@ -29,3 +29,28 @@ def test_walkthrough_notebook_executes_in_smoke_mode(client, tmp_path, monkeypat
     work = tmp_path / "work"
     assert (work / "report" / "report.png").is_file() and (work / "kept_and_dropped.png").is_file()
     assert sorted(p.name for p in (work / "curated").glob("*.tar"))
+
+
+def test_walkthrough_notebook_executes_with_the_real_model_even_when_nothing_is_kept(tmp_path, monkeypatch,
+                                                                                   offline_weights):
+    """Real mode: ViT-L/14 (random weights from an offline Hugging Face cache) and the heads from
+    $NEMO_CURATOR_HOME, on a cluster the notebook starts itself; a cut above the AVA scale keeps nothing."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in offline_weights.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("NEMO_CURATOR_SMOKE", raising=False)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    monkeypatch.setenv("NEMO_CURATOR_AESTHETIC_THRESHOLD", "11")
+    monkeypatch.setenv("NEMO_CURATOR_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "real model and heads" in text and "SMOKE MODE" not in text
+    assert "0 samples in 0 shards" in text
+    assert not list((tmp_path / "work" / "curated").glob("*.tar"))

@@ -69,13 +69,16 @@ class DaliShardReader:
         use_index_files: read ``NNNNN.idx`` beside each tar instead of scanning the tar's headers
             (a missing index file is an error).
         adjust_orientation: apply EXIF orientation when decoding (the picture a person sees).
+        hw_decoder_load: on a GPU, the share of JPEGs given to the hardware JPEG decoder (A100,
+            H100/H200) in [0, 1]; None: DALI's default (0.65). Ignored on the CPU.
 
     Picklable (it holds settings only): build it on the client, use it in the tasks.
     """
 
     def __init__(self, transform: TransformSpec | None, batch_size: int = 32, num_threads: int | None = None,
                  device: str = "auto", image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS,
-                 use_index_files: bool = False, adjust_orientation: bool = True):
+                 use_index_files: bool = False, adjust_orientation: bool = True,
+                 hw_decoder_load: float | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
@@ -85,6 +88,8 @@ class DaliShardReader:
         extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
         if not extensions:
             raise ValueError("image_extensions must name at least one extension, e.g. ('jpg', 'png')")
+        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be in [0, 1] (or None: DALI's default), got {hw_decoder_load!r}")
         self.transform = transform
         self.batch_size = batch_size
         self.num_threads = num_threads
@@ -92,6 +97,7 @@ class DaliShardReader:
         self.image_extensions = extensions
         self.use_index_files = use_index_files
         self.adjust_orientation = adjust_orientation
+        self.hw_decoder_load = hw_decoder_load
 
     # -- selection --------------------------------------------------------------------------------
     def image_members(self, tar_path: str) -> list[tuple[str, TarMember | None]]:
@@ -242,8 +248,10 @@ class _ShardRun:
             encoded = fn.readers.webdataset(paths=[self.tar_path], index_paths=[idx_path], ext=[_DALI_EXT],
                                             missing_component_behavior="error", pad_last_batch=True, name="reader",
                                             dont_use_mmap=True)
+            decoder_options = ({"hw_decoder_load": reader.hw_decoder_load}
+                               if gpu and reader.hw_decoder_load is not None else {})
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                       adjust_orientation=reader.adjust_orientation)
+                                       adjust_orientation=reader.adjust_orientation, **decoder_options)
             if reader.transform is not None:
                 images = dali_preprocess(images, reader.transform)
             return images, encoded

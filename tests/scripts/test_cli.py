@@ -297,6 +297,10 @@ def test_demo_smoke_runs_the_whole_job_and_reruns_into_the_same_folder(address, 
     curated = ImageTextPairDataset.from_webdataset(str(out / "curated"), id_col="key").metadata.compute()
     assert len(curated) == summary["kept"] and (curated.image_status == "ok").all()
 
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert written == {"dataset", "curated", "report", "smoke_heads"}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(f"`{name}/`" in readme for name in written)  # every folder the demo writes is documented
     (out / "dataset" / "stale.txt").write_text("from the first run")
     assert main(args) == 0
     assert not (out / "dataset" / "stale.txt").exists()
