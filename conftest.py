@@ -68,7 +68,7 @@ def client():
     """A real distributed.LocalCluster with 2 single-threaded worker processes."""
     from nemo_curator import get_client
 
-    c = get_client(cluster_type="cpu", n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    c = get_client(cluster_type="cpu", n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0")
     yield c
     cluster = c.cluster
     c.close()
@@ -239,7 +239,7 @@ def _scored_sample(namespace: dict, path: str):
     from nemo_curator.image.embedders import TimmImageEmbedder
     from nemo_curator.utils.sample_data import make_sample_dataset
 
-    namespace["client"] = get_client(cluster_type="cpu", n_workers=1, dashboard_address=":0")
+    namespace["client"] = get_client(cluster_type="cpu", n_workers=1, dashboard_address="127.0.0.1:0")
     make_sample_dataset(path, n_shards=2, samples_per_shard=3)
     heads = build_heads(paths=write_random_heads("random_heads"))
     embedder = TimmImageEmbedder(MODEL_NAME, model_kwargs=TINY_MODEL_KWARGS, classifiers=heads)

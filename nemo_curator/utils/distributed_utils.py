@@ -13,6 +13,9 @@ logger = logging.getLogger(__name__)
 
 CLUSTER_TYPES = ("auto", "cpu", "gpu")
 DEFAULT_THREADS_OUTSIDE_CLUSTER = 4  # DALI threads of a reader that runs outside any Dask worker
+# A local cluster's dashboard shows task names, file paths and logs: only this machine may reach it
+# unless the caller opens it (dashboard_address="0.0.0.0:8787"); reach it through an SSH tunnel.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 MAIN_GUARD_HINT = (
     "Dask starts its worker processes with 'spawn', which imports your script again in each of them: in a "
     "script, put the code that calls get_client() (and everything after it) under "
@@ -48,8 +51,12 @@ def get_client(
       without dask-cuda is logged as a warning).
       ``set_torch_to_use_rmm=True`` makes torch allocate through RMM on every GPU worker.
 
-    In a script, call it under ``if __name__ == "__main__":`` (Dask starts workers with spawn,
-    which imports the script again). Extra keyword arguments go to the cluster constructor.
+    A local cluster's dashboard listens on 127.0.0.1 only (``DEFAULT_DASHBOARD_ADDRESS``; from
+    another machine: ``ssh -L 8787:127.0.0.1:8787 <this host>``); ``dashboard_address="0.0.0.0:8787"``
+    opens it to the network, ``"127.0.0.1:0"`` picks a free port. ``security=`` (a
+    ``distributed.security.Security``) secures the connection with TLS, to a running cluster as to
+    a local one. In a script, call it under ``if __name__ == "__main__":`` (Dask starts workers with
+    spawn, which imports the script again). Extra keyword arguments go to the cluster constructor.
     """
     from dask.distributed import Client
 
@@ -70,9 +77,11 @@ def get_client(
         if scheduler_file and not os.path.exists(scheduler_file):
             raise FileNotFoundError(f"scheduler file {scheduler_file} does not exist: start the scheduler with "
                                     f"`dask scheduler --scheduler-file {scheduler_file}` first")
-        client = Client(address=scheduler_address, scheduler_file=scheduler_file, timeout=cluster_kwargs.pop("timeout", "60s"))
+        client = Client(address=scheduler_address, scheduler_file=scheduler_file, timeout=cluster_kwargs.pop("timeout", "60s"),
+                        security=cluster_kwargs.pop("security", None))
         _require_workers(client, cluster_kwargs.pop("wait_for_workers_timeout", 60))
     elif cluster_type == "cpu":
+        cluster_kwargs.setdefault("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)
         if n_workers is not None and n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, got {n_workers}")
         cluster = _start_local_cluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
@@ -85,7 +94,9 @@ def get_client(
         )
     if set_torch_to_use_rmm:
         client.run(_set_torch_to_use_rmm)
-    logger.info("dask client ready: %s (dashboard %s)", client, client.dashboard_link)
+    logger.info("dask client ready: %s (dashboard %s%s)", client, client.dashboard_link,
+                "; from another machine: ssh -L <port>:127.0.0.1:<port> this host" if "127.0.0.1" in str(
+                    client.dashboard_link) else "")
     return client
 
 
@@ -173,6 +184,7 @@ def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_s
             extra["rmm_maximum_pool_size"] = rmm_maximum_pool_size
     if rmm_pool_size is not None:
         extra["rmm_pool_size"] = rmm_pool_size
+    cluster_kwargs.setdefault("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)
     if n_workers is not None and n_workers != os.cpu_count():
         extra["n_workers"] = n_workers  # default: one worker per visible GPU
     cluster = _start_local_cluster(dask_cuda.LocalCUDACluster, protocol=protocol, enable_cudf_spill=enable_spilling,

@@ -120,3 +120,73 @@ def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path):
     guarded.write_text("if __name__ == '__main__':\n" + "".join(f"    {line}\n" for line in UNGUARDED_SCRIPT.splitlines()))
     done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0 and "started" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_local_clusters_dashboard_listens_on_this_machine_only():
+    import psutil
+
+    client = get_client(cluster_type="cpu", n_workers=1)  # the default dashboard address
+    try:
+        port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and {addr.ip for addr in listening} <= {"127.0.0.1"}, listening
+        assert "127.0.0.1" in client.dashboard_link
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def _tls_files(folder):
+    """A self-signed CA and a certificate it signed for 127.0.0.1 (openssl), as PEM files."""
+    import subprocess
+
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    run("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.pem",
+        "-days", "1", "-extfile", "ext.cnf")
+    return folder / "ca.pem", folder / "node.pem", folder / "node.key"
+
+
+def test_a_tls_secured_scheduler_and_worker_run_a_job_through_the_scheduler_file(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from distributed.security import Security
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificates can be made for the TLS test")
+    ca, cert, key = _tls_files(tmp_path)
+    tls = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+    dask_cli = str(Path(sys.executable).with_name("dask"))
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file), *tls],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1",
+                                       "--nthreads", "1", "--host", "127.0.0.1", *tls],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        security = Security(tls_ca_file=str(ca), tls_client_cert=str(cert), tls_client_key=str(key), require_encryption=True)
+        client = get_client(scheduler_file=str(scheduler_file), security=security)
+        try:
+            assert client.scheduler.address.startswith("tls://")
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+        finally:
+            client.close()
+        with pytest.raises(Exception):  # without the certificates the scheduler does not talk
+            get_client(scheduler_file=str(scheduler_file), timeout="3s")
+    finally:
+        for proc in procs[::-1]:
+            proc.terminate()
+            proc.wait(timeout=30)
