@@ -221,7 +221,13 @@ def docs_setup(namespace: dict) -> None:
     env = {**offline_weights_env(), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
            "PYTHONWARNINGS": "ignore"}
     workdir = tempfile.mkdtemp(prefix="nemo-curator-docs-")
-    namespace["__docs_state__"] = (os.getcwd(), {k: os.environ.get(k) for k in env}, workdir)
+    from huggingface_hub import constants  # read its environment at import: set what the page's blocks see
+
+    hub = {"HF_HOME": env["HF_HOME"], "HF_HUB_CACHE": os.path.join(env["HF_HOME"], "hub"), "HF_HUB_OFFLINE": True}
+    namespace["__docs_state__"] = (os.getcwd(), {k: os.environ.get(k) for k in env}, workdir,
+                                   {k: getattr(constants, k) for k in hub})
+    for key, value in hub.items():
+        setattr(constants, key, value)
     os.environ.update(env)
     os.chdir(workdir)
     os.symlink(ROOT / "examples", Path(workdir) / "examples")  # pages run repository paths (examples/...)
@@ -255,7 +261,11 @@ def docs_teardown(namespace: dict) -> None:
         client.close()
         if cluster is not None:
             cluster.close()
-    cwd, saved, workdir = namespace.pop("__docs_state__")
+    cwd, saved, workdir, hub = namespace.pop("__docs_state__")
+    from huggingface_hub import constants
+
+    for key, value in hub.items():
+        setattr(constants, key, value)
     os.chdir(cwd)
     for key, value in saved.items():
         if value is None:

@@ -34,6 +34,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # k-means and nearest-centroid search of the semantic deduplication (docs/dedup.md)
+        "faiss-cpu>=1.8",
     ],
     extras_require={
         # CUDA 12 stack. For CUDA 13 install the *-cu13 / cuda13x / nvidia-dali-cuda130 wheels

@@ -20,11 +20,12 @@ import pandas as pd
 from nemo_curator.filtering import evaluate_filter, expression_columns
 from nemo_curator.utils.constants import (AESTHETIC_COLUMN, DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_NSFW_THRESHOLD,
                                           DEFAULT_ID_COL, KEEP_COLUMN, NSFW_COLUMN, OK, STATUS_COLUMN, STATUSES)
-from nemo_curator.utils.file_utils import atomic_write, write_json_atomic
+from nemo_curator.utils.file_utils import atomic_write, read_parquet_schema, read_parquet_table, write_json_atomic
 from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.resume import read_json
 from nemo_curator.utils.stats import RUN_SUMMARY_NAME
-from nemo_curator.utils.webdataset import find_shards, iter_tar_samples, pick_image_member, read_member_bytes
+from nemo_curator.utils.webdataset import (DEFAULT_IMAGE_EXTENSIONS, find_shards, iter_tar_samples, pick_image_member,
+                                           read_member_bytes)
 
 TAR_COLUMN = "_tar"  # added by load_scores: the shard each row comes from
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -134,14 +135,12 @@ def load_scores(source, extra_columns: Sequence[str] = (), id_col: str = DEFAULT
     """
     wanted = list(dict.fromkeys([id_col, STATUS_COLUMN, AESTHETIC_COLUMN, NSFW_COLUMN, KEEP_COLUMN, *extra_columns]))
     if isinstance(source, (str, os.PathLike)):
-        import pyarrow.parquet as pq
-
         shards = find_shards(source)
-        schemas = [pq.read_schema(shard.parquet).names for shard in shards]
+        schemas = [read_parquet_schema(shard.parquet).names for shard in shards]
         _check_columns(extra_columns, list(dict.fromkeys(n for names in schemas for n in names)), os.fspath(source))
         frames = []
         for shard, names in zip(shards, schemas):
-            table = pq.read_table(shard.parquet, columns=[c for c in wanted if c in names])
+            table = read_parquet_table(shard.parquet, columns=[c for c in wanted if c in names])
             frames.append(table.to_pandas().assign(**{TAR_COLUMN: shard.tar}))
         frame = pd.concat(frames, ignore_index=True)
     else:
@@ -397,7 +396,7 @@ def plot_image_grid(groups: Mapping[str, pd.DataFrame], id_col: str = DEFAULT_ID
                 continue
             row = rows.iloc[c]
             key = str(row[id_col])
-            picture = _thumbnail(images.get(key))
+            picture = thumbnail(images.get(key))
             if picture is None:
                 ax.imshow(np.full((8, 8, 3), 200, np.uint8))
                 ax.text(4, 4, str(row.get(STATUS_COLUMN, "no image")), ha="center", va="center", fontsize=8)
@@ -410,20 +409,22 @@ def plot_image_grid(groups: Mapping[str, pd.DataFrame], id_col: str = DEFAULT_ID
     return fig
 
 
-def read_images(tar_path: str, ids: Sequence[str]) -> dict[str, bytes]:
-    """``{id: image bytes}`` for the wanted ids found in one tar (first image extension in
-    ``DEFAULT_IMAGE_EXTENSIONS`` order); ids without an image are left out."""
+def read_images(tar_path: str, ids: Sequence[str],
+                image_extensions: Sequence[str] = DEFAULT_IMAGE_EXTENSIONS) -> dict[str, bytes]:
+    """``{id: image bytes}`` for the wanted ids found in one tar (the first of ``image_extensions``
+    each sample has); ids without an image are left out."""
     wanted = {str(i) for i in ids}
     found: dict[str, bytes] = {}
     with open(tar_path, "rb") as f:
         for key, members in iter_tar_samples(tar_path):
-            image = pick_image_member(members)
+            image = pick_image_member(members, image_extensions)
             if key in wanted and key not in found and image is not None:
                 found[key] = read_member_bytes(f, image)
     return found
 
 
-def _thumbnail(data: bytes | None, size: int = 256):
+def thumbnail(data: bytes | None, size: int = 256) -> np.ndarray | None:
+    """An encoded image as an RGB array at most ``size`` pixels on a side; None when it cannot be decoded."""
     if data is None:
         return None
     from PIL import Image, UnidentifiedImageError
@@ -439,4 +440,4 @@ def _thumbnail(data: bytes | None, size: int = 256):
 
 __all__ = ["Report", "Threshold", "default_thresholds", "example_groups", "format_report", "load_scores",
            "make_report", "plot_image_grid", "plot_score_histograms", "quantile_thresholds", "read_images",
-           "score_quantiles", "thresholds_expression"]
+           "score_quantiles", "thresholds_expression", "thumbnail"]

@@ -216,3 +216,12 @@ def test_a_threshold_near_the_data_widens_the_axis_to_show_it():
 def test_histogram_of_no_finite_score_still_draws():
     fig = plot_score_histograms(_frame([np.nan, np.nan]), ["nsfw_score"], default_thresholds())
     assert "2 failed" in fig.axes[0].get_title()
+
+
+def test_a_parquet_that_is_not_parquet_is_named_by_the_report(tmp_path):
+    from nemo_curator.utils.sample_data import make_sample_dataset
+
+    make_sample_dataset(tmp_path / "d", n_shards=2, samples_per_shard=2, sizes=[(16, 16)])
+    (tmp_path / "d" / "00001.parquet").write_bytes(b"garbage" * 20)
+    with pytest.raises(ValueError, match=r"00001\.parquet is not a readable parquet file"):
+        make_report(str(tmp_path / "d"))

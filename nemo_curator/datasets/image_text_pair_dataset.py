@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import dask
@@ -20,11 +19,10 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from nemo_curator.datasets.reshard import to_webdataset as _to_webdataset
 from nemo_curator.utils.arrow import partition_to_arrow
-from nemo_curator.utils.file_utils import write_parquet_atomic
+from nemo_curator.utils.file_utils import read_parquet_schema, read_parquet_table, write_parquet_atomic
 from nemo_curator.utils.frames import id_dtype, is_pandas, object_columns, to_cudf
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.resume import (RESUME_KEY, UNTRACKED, LineageStep, file_identity, fingerprint, identities,
@@ -39,7 +37,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("pandas", "cudf")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DatasetShard:
     """One shard of a dataset, as a record.
 
@@ -54,7 +52,7 @@ class DatasetShard:
 
     files: Shard
     metadata_file: str
-    stats: Any = None
+    stats: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -210,7 +208,7 @@ class ImageTextPairDataset:
         parts = self.metadata.to_delayed()
         new_parts, new_stats = [], []
         for part, shard in zip(parts, self._shards):
-            token = dask.base.tokenize(name, str(lineage_step), part.key, shard.tar)
+            token = dask.base.tokenize(name, LineageStep.of(lineage_step).key, part.key, shard.tar)
             result = dask.delayed(func, pure=True)(part, shard.tar, dask_key_name=f"{name}-{token}")
             if returns_stats:
                 new_parts.append(result[0])
@@ -236,13 +234,14 @@ class ImageTextPairDataset:
         the parquet it was read from (embedding counts and seconds): ``carried_stats`` in the
         summary counts them. Returns the run summary (also written as ``_run_summary.json``).
 
-        What it changes in this dataset: with ``columns=None`` (every column written), the dataset
-        then reads its metadata from the written files, so that later steps (filters,
-        ``to_webdataset``) do not compute the embeddings again: ``metadata`` becomes a new
-        collection of the same rows and columns, ``metadata_files`` the written parquets, pending
-        ``shard_stats`` are cleared (they are in the files now); ``lineage`` and the shards' tars
-        are unchanged, and so is any collection taken from ``metadata`` before. With ``columns``
-        given nothing in the dataset changes.
+        What it changes in this dataset: with ``columns=None`` (every column written), or when it
+        rewrote the very files the dataset reads (in place), the dataset then reads its metadata
+        from the written files, so that later steps (filters, ``to_webdataset``) do not compute the
+        embeddings again: ``metadata`` becomes a new collection of the rows and columns written,
+        ``metadata_files`` the written parquets, pending ``shard_stats`` are cleared (they are in
+        the files now); the shards' tars are unchanged, and so is the lineage (a hand edit of the
+        metadata stays in it as its ``untracked`` step), and any collection taken from
+        ``metadata`` before. A subset of ``columns`` written elsewhere changes nothing.
         """
         out_dir = os.path.abspath(os.fspath(path) if path is not None else self.path)
         self._check_alignment()
@@ -275,7 +274,8 @@ class ImageTextPairDataset:
             works.append(ShardWork(out.name, out.stats, inputs, [out.parquet], make_task))
         summary = run_shard_job(works, job, out_dir, "save_metadata", resume=resume, show_progress=show_progress,
                                 planned_extra=lambda: {"carried_stats": carried[0]})
-        if columns is None:
+        overwrote_source = any(os.path.abspath(s.files.moved_to(out_dir).parquet) == s.metadata_file for s in self._shards)
+        if columns is None or overwrote_source:
             backend = "pandas" if is_pandas(self.metadata._meta) else "cudf"
             shards = [DatasetShard(s.files, os.path.abspath(s.files.moved_to(out_dir).parquet)) for s in self._shards]
             metadata = _metadata_from_parquets([s.metadata_file for s in shards], self.id_col, backend)
@@ -337,18 +337,6 @@ def _metadata_from_parquets(parquet_paths: Sequence[str], id_col: str, backend: 
         )
 
 
-def _read_schema(path: str) -> pa.Schema:
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(_not_parquet(path, err)) from err
-
-
-def _not_parquet(path: str, err: BaseException) -> str:
-    return (f"{path} is not a readable parquet file ({type(err).__name__}: {err}): rewrite it from its tar with "
-            f"`nemo-curator-image index-metadata` (after moving it away), or restore it")
-
-
 def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
     """Union of the parquet schemas (footers read in parallel); the id column typed as string.
 
@@ -356,7 +344,7 @@ def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
     not parquet.
     """
     with ThreadPoolExecutor(max_workers=16) as pool:
-        schemas = list(pool.map(_read_schema, parquet_paths))
+        schemas = list(pool.map(read_parquet_schema, parquet_paths))
     for path, schema in zip(parquet_paths, schemas):
         if id_col not in schema.names:
             raise KeyError(f"id column {id_col!r} is not in {path}; its columns are {schema.names}. "
@@ -384,12 +372,8 @@ def read_shard_metadata(parquet_path: str, id_col: str, columns: Sequence[str], 
     their decimal form). Raises ValueError naming the file for null or duplicate ids, or for a
     file that is not parquet.
     """
-    # one thread: a worker reads one shard per task, and Arrow's thread pool would only add
-    # memory (10 MB more RSS for a 10,000-row shard, benchmark 4), not speed
-    try:
-        table = pq.read_table(parquet_path, use_threads=False)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(_not_parquet(parquet_path, err)) from err
+    # one thread: Arrow's thread pool added 10 MB of RSS for a 10,000-row shard (benchmark 4), no speed
+    table = read_parquet_table(parquet_path)
     if id_col not in table.column_names:
         raise KeyError(f"id column {id_col!r} is not in {parquet_path}; its columns are {table.column_names}")
     ids = table.column(id_col)

@@ -134,9 +134,11 @@ def _validate(dataset, out_dir: str, filter_column: str, samples_per_shard: int,
                          "pass another name (e.g. 'old_key') or None")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"to_webdataset: {out_dir} exists and is not a folder; pass a folder path")
-    sources = {os.path.realpath(os.path.dirname(os.path.abspath(t))) for t in dataset.tar_files}
+    sources = {os.path.realpath(os.path.dirname(os.path.abspath(path)))
+               for shard in dataset.shards for path in (shard.tar, shard.metadata_file)}
     if os.path.realpath(out_dir) in sources | {os.path.realpath(dataset.path)}:
-        raise ValueError(f"to_webdataset: {out_dir} holds the input shards; write the new shards to another folder")
+        raise ValueError(f"to_webdataset: {out_dir} holds the input shards or the metadata they are read from; "
+                         f"write the new shards to another folder")
 
 
 def _exists_message(out_dir: str, existing: list[str], why: str) -> str:

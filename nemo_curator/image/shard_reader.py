@@ -27,7 +27,7 @@ from typing import Any, Collection, Iterator, Sequence
 
 from nemo_curator.image.transforms import TransformSpec, dali_preprocess
 from nemo_curator.utils.constants import DECODE_FAILED, EXTRA_IN_TAR, MISSING_IMAGE, OK
-from nemo_curator.utils.cpu_memory import TRIM_EVERY_IMAGES, trim_heap
+from nemo_curator.utils.cpu_tuning import TRIM_EVERY_IMAGES, trim_heap
 from nemo_curator.utils.device import check_device, worker_device
 from nemo_curator.utils.distributed_utils import cpu_threads_per_worker
 from nemo_curator.utils.webdataset import (DEFAULT_IMAGE_EXTENSIONS, Shard, TarMember, iter_tar_samples,

@@ -3,13 +3,12 @@
 Subcommands: ``sample`` (build a sample dataset), ``embed`` (embeddings + heads), ``score``
 (heads over an existing embedding column), ``filter`` (keep rows by an expression, reshard),
 ``index`` (DALI index files), ``index-metadata`` (a parquet for tars without one), ``report``,
-``demo``. Exit status: 0 on success, 1 on an error (one line on stderr; ``--debug`` adds the
+``dedup`` (semantic or exact duplicates), ``demo``. Exit status: 0 on success, 1 on an error (one line on stderr; ``--debug`` adds the
 traceback), 2 on a usage error, 130 when interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from nemo_curator._version import __version__
+from nemo_curator.scripts.common import open_client, positive_int, say
+from nemo_curator.scripts.dedup_cli import add_dedup_parser
 from nemo_curator.scripts.demo import DEMO_THRESHOLDS
 from nemo_curator.utils.constants import (DEFAULT_AESTHETIC_THRESHOLD, DEFAULT_FILTER, DEFAULT_ID_COL, DEFAULT_MODEL,
                                           DEFAULT_NSFW_THRESHOLD, EMBEDDING_COLUMN, HEAD_NAMES, KEEP_COLUMN,
@@ -52,7 +53,7 @@ def _cluster_options() -> argparse.ArgumentParser:
                         "(Slurm, PBS, dask-mpi) instead of starting one")
     g.add_argument("--scheduler-address", metavar="ADDR",
                    help="connect to a running scheduler, e.g. tcp://10.0.0.1:8786, instead of starting a cluster")
-    g.add_argument("--n-workers", type=_positive_int, metavar="N",
+    g.add_argument("--n-workers", type=positive_int, metavar="N",
                    help="workers of the local cluster. Default: one per CPU core (cpu), one per GPU (gpu)")
     g.add_argument("--rmm-pool-size", default="1024M", metavar="SIZE",
                    help="GPU workers: RMM pool allocated up front per GPU, e.g. 24GB. Default: 1024M")
@@ -65,9 +66,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
                    help=f"timm model name (its 768-d output feeds the heads). Default: {DEFAULT_MODEL}")
     g.add_argument("--checkpoint", metavar="PATH", help="a local weights file for the model instead of the hub")
-    g.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+    g.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                    help="images per model call on each worker (GPU: 256-1024, see docs/gpu.md). Default: 32")
-    g.add_argument("--threads", type=_positive_int, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N",
                    help="DALI decoding threads per worker. Default: the machine's cores divided among the workers "
                         "on it (decided on each worker)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -86,16 +87,6 @@ def _head_options(g) -> None:
                    help="local clip_autokeras_binary_nsfw.pth. Default: $NEMO_CURATOR_HOME/weights, downloaded once")
     g.add_argument("--offline", action="store_true",
                    help="never download: use only local files and caches (also implied by HF_HUB_OFFLINE=1)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _head_list(text: str) -> list[str]:
@@ -132,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", parents=[common], help="write a small sample dataset (generated pictures)",
                        description="Write NNNNN.tar + NNNNN.parquet shards of generated pictures (and your photos).")
     p.add_argument("output", help="folder to create (must be empty or absent)")
-    p.add_argument("--shards", type=_positive_int, default=2, metavar="N", help="number of shards. Default: 2")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=16, metavar="N", help="samples per shard. Default: 16")
+    p.add_argument("--shards", type=positive_int, default=2, metavar="N", help="number of shards. Default: 2")
+    p.add_argument("--samples-per-shard", type=positive_int, default=16, metavar="N", help="samples per shard. Default: 16")
     p.add_argument("--photos", metavar="DIR", help="a folder of *.jpg used before generated pictures")
     p.add_argument("--formats", default="jpg", help="image formats to cycle through, e.g. jpg,png,webp. Default: jpg")
     p.add_argument("--index", action="store_true", help="also write DALI index files NNNNN.idx")
@@ -182,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expr", default=DEFAULT_FILTER, help=f"the keep condition. Default: {DEFAULT_FILTER!r}")
     p.add_argument("--keep-column", default=KEEP_COLUMN,
                    help=f"bool column the condition is stored in (written to the new parquets). Default: {KEEP_COLUMN}")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=10000, metavar="N", help="Default: 10000")
-    p.add_argument("--max-shards", type=_positive_int, default=5,
+    p.add_argument("--samples-per-shard", type=positive_int, default=10000, metavar="N", help="Default: 10000")
+    p.add_argument("--max-shards", type=positive_int, default=5,
                    help="digits of the output shard number (new ids are shard digits + sample digits). Default: 5")
     p.add_argument("--old-id-col", help="column that receives each sample's old id (default: not kept)")
     p.add_argument("--overwrite", action="store_true", help="delete shard files already in OUTPUT first")
@@ -193,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", parents=[common], help="write DALI index files (NNNNN.idx) beside the tars",
                        description="Write the DALI webdataset index (v1.2) of every .tar in FOLDER, atomically.")
     p.add_argument("folder", help="folder of .tar shards")
-    p.add_argument("--threads", type=_positive_int, default=8, help="tars indexed at once. Default: 8")
+    p.add_argument("--threads", type=positive_int, default=8, help="tars indexed at once. Default: 8")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("index-metadata", parents=[common], help="write a parquet for tars that have none",
@@ -219,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-col", default=DEFAULT_ID_COL, help=f"the id column. Default: {DEFAULT_ID_COL}")
     p.set_defaults(func=cmd_report)
 
+    add_dedup_parser(sub, [common, cluster])
+
     p = sub.add_parser("demo", parents=[common, cluster, model],
                        help="the whole job on a small sample: build, embed + score, filter, reshard, report",
                        description="Build a sample dataset (generated pictures and --photos) in OUTPUT/dataset, embed "
@@ -231,14 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     photos = _default_photos()
     p.add_argument("--photos", metavar="DIR", default=photos,
                    help=f"a folder of *.jpg photographs used before generated pictures. Default: {photos or 'none'}")
-    p.add_argument("--shards", type=_positive_int, default=3, metavar="N", help="shards in the sample dataset. Default: 3")
+    p.add_argument("--shards", type=positive_int, default=3, metavar="N", help="shards in the sample dataset. Default: 3")
     p.add_argument("--aesthetic-threshold", type=float, default=DEMO_THRESHOLDS[0], metavar="X",
                    help="keep aesthetic_score above X (AVA 1-10; 5, 6 and 6.5 are common cuts; the demo takes the "
                         "loosest, so that a small sample keeps something). Ignored with --smoke. "
                         f"Default: {DEMO_THRESHOLDS[0]:g}")
     p.add_argument("--nsfw-threshold", type=float, default=DEMO_THRESHOLDS[1], metavar="X",
                    help=f"keep nsfw_score below X (0-1). Ignored with --smoke. Default: {DEMO_THRESHOLDS[1]:g}")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=16, metavar="N", help="Default: 16")
+    p.add_argument("--samples-per-shard", type=positive_int, default=16, metavar="N", help="Default: 16")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -250,38 +243,6 @@ def _dataset_options(p) -> None:
 def _default_photos() -> str | None:
     folder = shared_photos_dir()
     return str(folder) if folder else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Cluster
-@contextlib.contextmanager
-def open_client(args):
-    """A Dask client from the cluster options; a local cluster started here is closed on exit."""
-    from nemo_curator import get_client
-
-    if args.scheduler_file or args.scheduler_address:
-        client = get_client(scheduler_file=args.scheduler_file, scheduler_address=args.scheduler_address)
-        owned = None
-    else:
-        kwargs = {"n_workers": args.n_workers} if args.n_workers else {}
-        kwargs["silence_logs"] = logging.INFO if args.verbose else logging.ERROR
-        client = get_client(cluster_type=args.cluster, rmm_pool_size=args.rmm_pool_size, **kwargs)
-        owned = client.cluster
-    workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    say(f"dask: {workers} workers, dashboard {client.dashboard_link}")
-    try:
-        yield client
-    finally:
-        client.close()
-        if owned is not None:
-            owned.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Commands
-def say(text: str) -> None:
-    """Print a progress line for a person (stdout)."""
-    print(text, flush=True)
 
 
 def cmd_sample(args) -> None:

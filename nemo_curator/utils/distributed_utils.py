@@ -138,12 +138,14 @@ def _main_file() -> str | None:
 
 
 def _in_spawned_import() -> bool:
-    """True while a spawned child process imports the parent's ``__main__`` (``__mp_main__``)."""
+    """True while a spawned child process imports the parent's script again (as ``__mp_main__``):
+    multiprocessing's spawn runs it before the child's own work, and only afterwards makes it
+    ``__main__``; a process's later calls (a Dask task) are not affected."""
     import multiprocessing
     import sys
 
-    return multiprocessing.parent_process() is not None and "__mp_main__" in sys.modules \
-        and sys.modules.get("__main__") is sys.modules.get("__mp_main__")
+    return (multiprocessing.current_process().name != "MainProcess" and "__mp_main__" in sys.modules
+            and sys.modules.get("__main__") is not sys.modules.get("__mp_main__"))
 
 
 def _require_workers(client, timeout_s: float) -> None:
@@ -201,8 +203,9 @@ def _set_torch_to_use_rmm() -> None:
 
 
 def cpu_threads_per_worker() -> int:
-    """CPU threads one worker process may use: the cores this process may run on divided among the
-    Dask workers on the same host (at least 1); ``DEFAULT_THREADS_OUTSIDE_CLUSTER`` outside a worker.
+    """CPU threads one worker process may use: the cores it is pinned to when it is pinned to fewer
+    than the machine has (dask-cuda's CPU affinity), else the machine's cores divided among the Dask
+    workers on the same host (at least 1); ``DEFAULT_THREADS_OUTSIDE_CLUSTER`` outside a worker.
     Asked of the scheduler once per process."""
     global _THREADS
     if _THREADS is None:
@@ -219,10 +222,13 @@ def _count_threads_per_worker() -> int:
         worker = get_worker()
     except ValueError:  # not inside a Dask worker
         return DEFAULT_THREADS_OUTSIDE_CLUSTER
+    total = os.cpu_count() or 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+        cores = total
+    if cores < total:  # pinned to its share already (dask-cuda pins each worker near its GPU)
+        return max(1, cores)
     try:
         from distributed.comm import get_address_host
 
@@ -254,6 +260,16 @@ def load_object_on_worker(key: Hashable, loader: Callable[[], Any]) -> Any:
             logger.info("loading %s on worker pid %d", key, os.getpid())
             _CACHE[key] = loader()
         return _CACHE[key]
+
+
+def evict_from_worker_cache(predicate: Callable[[Hashable], bool]) -> int:
+    """Drop the objects cached in this process whose key satisfies ``predicate``; return how many
+    (e.g. the model of the same configuration with weights since replaced)."""
+    with _CACHE_LOCK:
+        stale = [key for key in _CACHE if predicate(key)]
+        for key in stale:
+            del _CACHE[key]
+    return len(stale)
 
 
 def clear_worker_cache() -> None:

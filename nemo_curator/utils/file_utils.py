@@ -93,22 +93,55 @@ def _is_float_list(arrow_type) -> bool:
     return (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) and pa.types.is_floating(arrow_type.value_type)
 
 
+def read_parquet_schema(path: str | os.PathLike) -> pa.Schema:
+    """The schema of a parquet file; a file that is not parquet raises ValueError naming it."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(_not_parquet(path, err)) from err
+
+
+def read_parquet_table(path: str | os.PathLike, columns=None) -> pa.Table:
+    """A parquet file as an Arrow table, on one thread (a task reads one shard: Arrow's pool would
+    only add memory); a file that is not parquet raises ValueError naming it."""
+    try:
+        return pq.read_table(path, columns=columns, use_threads=False)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(_not_parquet(path, err)) from err
+
+
+def _not_parquet(path, err: BaseException) -> str:
+    return (f"{path} is not a readable parquet file ({type(err).__name__}: {err}): restore it, or move it away and "
+            f"write a new one from its tar with `nemo-curator-image index-metadata` (that loses its other columns)")
+
+
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, file_names: Iterable[str]) -> int:
+def remove_stale_temporaries(folder: str | os.PathLike, file_names: Iterable[str],
+                             temporaries: dict[str, list[str]] | None = None) -> int:
     """Remove the temporaries of ``atomic_write`` that a killed run left for ``file_names`` in
-    ``folder`` (hidden, never mistaken for a complete file); return how many."""
-    wanted = set(file_names)
+    ``folder`` (hidden, never mistaken for a complete file); return how many. ``temporaries``: the
+    folder's listing from ``stale_temporaries`` (one scan for many shards), else it is scanned now."""
+    listing = stale_temporaries(folder) if temporaries is None else temporaries
     removed = 0
+    for name in set(file_names):
+        for path in listing.pop(name, ()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
+def stale_temporaries(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """``{final file name: [paths of its atomic_write temporaries]}`` in ``folder`` (one scan)."""
+    found: dict[str, list[str]] = {}
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
             match = _TMP_NAME.match(entry.name)
-            if match and match.group("name") in wanted:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
+            if match:
+                found.setdefault(match.group("name"), []).append(entry.path)
+    return found

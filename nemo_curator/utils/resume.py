@@ -51,6 +51,19 @@ class LineageStep(str):
     def __getnewargs__(self):
         return self.operation, self.detail, str(self), self.identity
 
+    # Two steps are the same when their keys are: the same text with other weights is another step.
+    def __eq__(self, other) -> bool:
+        return self.key == (other.key if isinstance(other, LineageStep) else other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    # Dask tokenizes any str as its text: code that tokenizes a step tokenizes ``step.key``.
+
+
     @property
     def key(self) -> str:
         """The step as the job fingerprints hold it: its text, and the identity of what it read."""

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from nemo_curator.utils.file_utils import remove_stale_temporaries, write_json_atomic
+from nemo_curator.utils.file_utils import remove_stale_temporaries, stale_temporaries, write_json_atomic
 from nemo_curator.utils.progress import compute_with_progress
 from nemo_curator.utils.resume import RESUME_KEY, completed_stats, make_record
 from nemo_curator.utils.stats import RUN_SUMMARY_NAME, summarize_stats
@@ -57,12 +57,13 @@ def run_shard_job(works: Sequence[ShardWork], job: str, folder: str, operation: 
     started = time.time() if started is None else started
     results: list[dict | None] = [None] * len(works)
     tasks, todo = [], []
+    temporaries = stale_temporaries(folder)  # one scan of the folder, not one per shard
     for i, work in enumerate(works):
         done = completed_stats(work.stats_path, job, work.inputs) if resume else None
         if done is not None:
             results[i] = done
             continue
-        remove_stale_temporaries(folder, [os.path.basename(p) for p in (*work.outputs, work.stats_path)])
+        remove_stale_temporaries(folder, [os.path.basename(p) for p in (*work.outputs, work.stats_path)], temporaries)
         tasks.append(work.make_task())
         todo.append(i)
     if todo and len(todo) < len(works):

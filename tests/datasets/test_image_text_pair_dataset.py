@@ -265,3 +265,18 @@ def test_embedding_arrays_stay_arrays_through_user_steps(dataset_dir, client):
     with_vectors.metadata["n"] = with_vectors.metadata["caption"].str.len()  # a hand edit, outside the package
     frame = with_vectors.metadata.compute()
     assert isinstance(frame["vec"].iloc[0], np.ndarray) and frame["vec"].iloc[0].dtype == np.float32
+
+
+def test_a_subset_saved_in_place_is_what_the_dataset_then_reads(dataset_dir, client):
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    ds.save_metadata(columns=["caption"], show_progress=False)  # in place: the other columns are gone from disk
+    assert list(ds.metadata.columns) == ["key", "caption"]
+    assert ds.metadata.compute()["caption"].notna().all()
+
+
+def test_shard_records_compare_without_their_pending_stats(dataset_dir):
+    import dask
+
+    ds = ImageTextPairDataset.from_webdataset(str(dataset_dir), id_col="key")
+    pending = ds.with_metadata(ds.metadata, shard_stats=[dask.delayed({"x": i}) for i in range(3)])
+    assert pending.shards == ds.shards  # the Delayed stats are not compared (and do not raise)

@@ -213,3 +213,15 @@ def test_to_webdataset_empty_result_and_bad_arguments(client, tmp_path):
         dataset.to_webdataset(str(tmp_path / "x"), "keep", samples_per_shard=0)
     with pytest.raises(ValueError, match="old_id_col 'key' is the id column"):
         dataset.to_webdataset(str(tmp_path / "x"), "keep", old_id_col="key")
+
+
+def test_the_folder_the_metadata_is_read_from_is_never_an_output(tmp_path, client):
+    from nemo_curator.utils.sample_data import make_sample_dataset
+
+    make_sample_dataset(tmp_path / "in", n_shards=2, samples_per_shard=2, sizes=[(16, 16)])
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path / "in"), id_col="key")
+    ds.save_metadata(str(tmp_path / "meta"), show_progress=False)  # the dataset now reads meta/
+    ds.metadata["keep"] = True
+    with pytest.raises(ValueError, match="metadata they are read from"):
+        ds.to_webdataset(str(tmp_path / "meta"), "keep", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "meta").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]

@@ -18,10 +18,16 @@ def test_offline_with_a_mirror_the_heads_are_fetched_from_it(shared_dir, server,
 
 
 def test_offline_without_anything_names_each_missing_file_and_the_remedies(server, home, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    import dataclasses
+
     from huggingface_hub import constants
 
+    from nemo_curator.image.classifiers import AestheticClassifier, NsfwClassifier
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf" / "hub"))
+    for cls in (AestheticClassifier, NsfwClassifier):  # upstream is the local server: offline must not ask it
+        monkeypatch.setattr(cls, "weights", dataclasses.replace(cls.weights, url=server.url(f"/{cls.weights.filename}")))
     with pytest.raises(WeightsUnavailableError) as info:
         check_weights(DEFAULT_MODEL, heads=["aesthetic", "nsfw"], offline=True)
     message, hint = str(info.value), "\n".join(info.value.hint)

@@ -23,7 +23,7 @@ from nemo_curator.scripts.cli import build_parser, main
 from nemo_curator.utils.webdataset import read_dali_index
 
 CLI = str(Path(sys.executable).with_name("nemo-curator-image"))
-SUBCOMMANDS = ("sample", "embed", "score", "filter", "index", "index-metadata", "report", "demo")
+SUBCOMMANDS = ("sample", "embed", "score", "filter", "index", "index-metadata", "report", "dedup", "demo")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ def test_precision_auto_follows_the_hardware_and_explicit_choices_are_obeyed(cap
 
 
 def test_malloc_tuning_is_left_to_the_user_who_set_it(monkeypatch):
-    from nemo_curator.utils.cpu_memory import keep_freed_memory_for_reuse
+    from nemo_curator.utils.cpu_tuning import keep_freed_memory_for_reuse
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert keep_freed_memory_for_reuse() is False

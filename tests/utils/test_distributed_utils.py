@@ -190,3 +190,16 @@ def test_a_tls_secured_scheduler_and_worker_run_a_job_through_the_scheduler_file
         for proc in procs[::-1]:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def _in_spawned_import_now():
+    from nemo_curator.utils.distributed_utils import _in_spawned_import
+
+    return _in_spawned_import()
+
+
+def test_a_spawned_process_may_start_its_own_cluster_after_its_import():
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_in_spawned_import_now) is False  # its work runs after the import of __main__

@@ -287,3 +287,23 @@ def test_worker_killed_mid_task_is_retried(client, tmp_path):
         got = pd.read_parquet(out / f"{i:05d}.parquet")
         assert got["key"].tolist() == source["key"].tolist()
         assert got["score"].tolist() == source["caption"].str.len().astype(float).tolist()
+
+
+def test_lineage_steps_with_other_weights_are_other_steps(tmp_path):
+    import pickle
+
+    import dask
+
+    from nemo_curator.utils.resume import LineageStep
+
+    a = LineageStep("embed", "cfg", identity="{'size': 1}")
+    b = LineageStep("embed", "cfg", identity="{'size': 2}")
+    assert str(a) == str(b) and a != b and hash(a) != hash(b)
+    make_sample_dataset(tmp_path, n_shards=1, samples_per_shard=2, sizes=[(16, 16)])
+    base = ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")
+    meta = base.metadata._meta
+    tasks = [base.map_shards(lambda frame, tar: frame, meta=meta, lineage_step=step) for step in (a, b)]
+    assert dask.base.tokenize(tasks[0].metadata) != dask.base.tokenize(tasks[1].metadata)  # other tasks, other keys
+    assert pickle.loads(pickle.dumps(a)) == a and pickle.loads(pickle.dumps(a)).identity == a.identity
+    plain = LineageStep("filter", "keep=x > 1")
+    assert plain == "filter:keep=x > 1" and LineageStep.of("my step") == "my step"

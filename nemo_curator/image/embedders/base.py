@@ -21,7 +21,7 @@ from nemo_curator.utils.arrow import pandas_like
 from nemo_curator.utils.constants import (DECODE_FAILED, EMBEDDING_COLUMN, EXTRA_IN_TAR, MISSING_IMAGE, OK,
                                           STATUS_COLUMN)
 from nemo_curator.utils.device import worker_device
-from nemo_curator.utils.distributed_utils import load_object_on_worker
+from nemo_curator.utils.distributed_utils import cached_keys, evict_from_worker_cache, load_object_on_worker
 from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.resume import LineageStep, unidentified_weights
 from nemo_curator.utils.stats import EmbedStats
@@ -29,6 +29,7 @@ from nemo_curator.utils.stats import EmbedStats
 logger = logging.getLogger(__name__)
 
 KEY_FIELD = "__key__"  # webdataset's name for a sample's key, used in metadata dicts
+_ASK = object()  # get_model/embed_shard without a planned weights identity: ask weights_identity() now
 
 __all__ = ["EXTRA_IN_TAR", "KEY_FIELD", "ImageEmbedder", "RowResults", "ShardItems"]
 
@@ -103,6 +104,10 @@ class ImageEmbedder(ABC):
         weights come from a file or a hub)."""
         return {}
 
+    def check_weights_unchanged(self, planned: dict) -> None:
+        """On the worker, before loading: raise if the weights differ from ``planned`` (the identity
+        taken on the client when the job was planned). Nothing to check by default."""
+
     def normalize(self, embeddings):
         """Post-process (N, D) embeddings before the heads; identity by default."""
         return embeddings
@@ -120,25 +125,36 @@ class ImageEmbedder(ABC):
         meta[self.status_column] = pd.Series([], dtype=meta[dataset.id_col].dtype)
         for clf in self.classifiers:
             meta[clf.pred_column] = pd.Series([], dtype=np.float32)
-        weights = self.weights_identity()
-        if weights is None:
-            weights = unidentified_weights()
+        planned = self.weights_identity()
+        identity = planned
+        if planned is None:
+            identity = unidentified_weights()
             logger.info("%s: weights without an identity (random): outputs of this run will not be resumed by another",
                         type(self).__name__)
         detail = repr(sorted(self.config().items())) + "|" + "|".join(repr(c.cache_key()) for c in self.classifiers)
-        step = LineageStep("embed", detail, identity=repr(weights))
-        return dataset.map_shards(_ShardTask(self, dataset.id_col, step.key), meta=meta, lineage_step=step,
+        step = LineageStep("embed", detail, identity=repr(identity))
+        return dataset.map_shards(_ShardTask(self, dataset.id_col, step.key, planned), meta=meta, lineage_step=step,
                                   returns_stats=True, name="embed-shard")
 
-    def get_model(self, device: str):
-        """The model on ``device``, loaded once per worker process, configuration and weights (a file
-        replaced at the same path is loaded again)."""
-        key = tuple(sorted({**self.config(), **self.runtime_config()}.items())) + (
-            ("device", device), ("weights", repr(self.weights_identity())))
+    def get_model(self, device: str, weights=_ASK):
+        """The model on ``device``, loaded once per worker process, configuration and weights.
+
+        ``weights``: the identity planned on the client (a job passes it; default: asked now). The
+        weights are checked against it (``check_weights_unchanged``) before a load, and a model of
+        the same configuration cached under other weights (a file replaced since) is dropped."""
+        weights = self.weights_identity() if weights is _ASK else weights
+        base = tuple(sorted({**self.config(), **self.runtime_config()}.items())) + (("device", device),)
+        key = base + (("weights", repr(weights)),)
+
+        if key not in cached_keys():  # a first load, or other weights than the cached model's
+            if isinstance(weights, dict):
+                self.check_weights_unchanged(weights)
+            evict_from_worker_cache(lambda k: isinstance(k, tuple) and k[:len(base)] == base and k != key)
         return load_object_on_worker(key, lambda: self.load_embedding_model(device))
 
-    def embed_shard(self, frame, tar_path: str, id_col: str) -> tuple[Any, dict]:
+    def embed_shard(self, frame, tar_path: str, id_col: str, weights=_ASK) -> tuple[Any, dict]:
         """Embed and score one shard; return (frame with new columns, stats: ``EmbedStats`` as a dict).
+        ``weights``: the planned weights identity (see ``get_model``).
 
         Rows are matched to images by id. Rows without an image get status ``missing_image``;
         images that fail to decode ``decode_failed``; both keep their row with a null embedding
@@ -148,7 +164,7 @@ class ImageEmbedder(ABC):
 
         started = time.time()
         device = self.worker_device()
-        model = self.get_model(device)
+        model = self.get_model(device, weights)
         heads = [clf.get_model(device) for clf in self.classifiers]
         pdf = to_pandas(frame)
         ids = pdf[id_col].astype(str).tolist()
@@ -276,13 +292,14 @@ def _first_dups(ids: list[str]) -> list[str]:
 class _ShardTask:
     """The picklable per-shard callable: ``(partition, tar_path) -> (partition, stats dict)``."""
 
-    def __init__(self, embedder: ImageEmbedder, id_col: str, lineage_detail: str):
+    def __init__(self, embedder: ImageEmbedder, id_col: str, lineage_detail: str, weights: dict | None):
         self.embedder = embedder
         self.id_col = id_col
         self.lineage_detail = lineage_detail  # config, heads and weights: what makes the results
+        self.weights = weights  # the weights identity planned on the client
 
     def __call__(self, frame, tar_path: str):
-        return self.embedder.embed_shard(frame, tar_path, self.id_col)
+        return self.embedder.embed_shard(frame, tar_path, self.id_col, self.weights)
 
     def __dask_tokenize__(self):
         return (type(self.embedder).__qualname__, self.lineage_detail, self.id_col)

@@ -10,7 +10,7 @@ from nemo_curator.image.shard_reader import DaliShardReader, ShardItems
 from nemo_curator.image.transforms import TransformSpec
 from nemo_curator.image.weights import timm_hub_weights
 from nemo_curator.utils.constants import EMBEDDING_COLUMN
-from nemo_curator.utils.cpu_memory import keep_freed_memory_for_reuse
+from nemo_curator.utils.cpu_tuning import keep_freed_memory_for_reuse
 from nemo_curator.utils.device import check_device, check_precision, resolve_bf16, worker_device
 from nemo_curator.utils.resume import file_identity
 from nemo_curator.utils.webdataset import DEFAULT_IMAGE_EXTENSIONS
@@ -48,7 +48,7 @@ class TimmImageEmbedder(ImageEmbedder):
             toggles it resumes. Worth it for long jobs (see docs/benchmarks.md).
 
     Reading is done by a ``DaliShardReader`` (``self.reader``). On CPU, loading the model also
-    tunes glibc's malloc of the worker process for inference (``utils.cpu_memory``).
+    tunes glibc's malloc of the worker process for inference (``utils.cpu_tuning``).
     The weights' identity (the checkpoint's size and mtime, the hub revision in the cache) is part
     of the lineage: a rerun with other weights at the same path is redone, and a run with random
     weights (``pretrained=False`` and no checkpoint) never resumes another.
@@ -131,6 +131,16 @@ class TimmImageEmbedder(ImageEmbedder):
             return None
         return hub_weights_identity(self.model_name)
 
+    def check_weights_unchanged(self, planned: dict) -> None:
+        """The checkpoint must still be the file the job was planned with (same size and mtime)."""
+        if "checkpoint" not in planned:
+            return
+        now = file_identity(planned["checkpoint"])
+        if now is None or any(now[k] != planned.get(k) for k in now):
+            raise RuntimeError(f"checkpoint {planned['checkpoint']} changed while the job ran (planned size "
+                               f"{planned.get('size')} B, mtime_ns {planned.get('mtime_ns')}; now {now}): its "
+                               f"results would mix two models. Leave the file alone during a run, then run again")
+
     def worker_device(self) -> str:
         return worker_device(self.device)
 
@@ -148,7 +158,12 @@ class TimmImageEmbedder(ImageEmbedder):
         if self.checkpoint_path:
             kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": self.checkpoint_path}
         try:
-            model = timm.create_model(self.model_name, pretrained=self.pretrained or bool(self.checkpoint_path), **kwargs)
+            # random weights (no pretrained, no checkpoint) from a fixed seed: every worker of a run
+            # builds the same model (still never resumed by another run: they have no identity)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(self.model_name, pretrained=self.pretrained or bool(self.checkpoint_path),
+                                          **kwargs)
         except Exception as err:  # hub unreachable, cache empty, corrupt file
             if not (self.pretrained or self.checkpoint_path):
                 raise

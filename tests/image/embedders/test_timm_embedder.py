@@ -412,3 +412,35 @@ def test_weights_identity_names_the_checkpoint_file_and_none_for_random_weights(
     assert random.weights_identity() is None
     ident = TimmImageEmbedder(MODEL, model_kwargs=TINY, checkpoint_path=tiny_checkpoint).weights_identity()
     assert ident["checkpoint"] == tiny_checkpoint and ident["size"] == os.path.getsize(tiny_checkpoint)
+
+
+def test_a_replaced_checkpoint_is_refused_mid_run_and_evicts_the_old_model(tmp_path, tiny_checkpoint):
+    import shutil
+    import time
+
+    from nemo_curator.utils.distributed_utils import cached_keys, clear_worker_cache
+
+    clear_worker_cache()
+    path = shutil.copy(tiny_checkpoint, tmp_path / "m.safetensors")
+    emb = TimmImageEmbedder(MODEL, model_kwargs=TINY, checkpoint_path=str(path), autocast=False)
+    planned = emb.weights_identity()
+    emb.get_model("cpu", planned)
+    time.sleep(0.01)
+    os.utime(path)  # the file "changes" after planning
+    assert emb.get_model("cpu", planned) is not None  # a worker that has the planned model keeps using it
+    clear_worker_cache()  # another worker, which has not loaded it yet, must not load the changed file
+    with pytest.raises(RuntimeError, match="changed while the job ran"):
+        emb.get_model("cpu", planned)
+    emb.get_model("cpu", emb.weights_identity())  # a new plan: loaded again, the old model dropped
+    assert sum(1 for k in cached_keys() if ("checkpoint_path", str(path)) in k) == 1
+
+
+def test_random_weights_are_the_same_on_every_worker():
+    import torch
+
+    a = TimmImageEmbedder(MODEL, model_kwargs=TINY, autocast=False).load_embedding_model("cpu")
+    torch.manual_seed(123)  # another state of the global generator (another worker)
+    b = TimmImageEmbedder(MODEL, model_kwargs=TINY, autocast=False).load_embedding_model("cpu")
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))

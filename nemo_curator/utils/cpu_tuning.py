@@ -1,4 +1,5 @@
-"""Tuning of glibc's malloc for CPU inference in a worker process (see ``keep_freed_memory_for_reuse``)."""
+"""CPU process tuning for inference in a worker: what the CPU computes natively (the bf16 probe,
+``cpu_has_fast_bf16``) and glibc's malloc settings (``keep_freed_memory_for_reuse``)."""
 from __future__ import annotations
 
 import os
@@ -41,3 +42,17 @@ def trim_heap() -> None:
     ``keep_freed_memory_for_reuse`` tuned malloc in this process; else nothing."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this machine's CPU computes bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it, bf16 autocast on the CPU is emulated and much slower than fp32: ViT-L/14 on 2 AVX2
+    cores ran at 0.13 img/s with autocast against 0.99 img/s in fp32.
+    """
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume the common case, no bf16 hardware
+        return False
