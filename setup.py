@@ -42,7 +42,8 @@ setup(
         # instead (see README, "GPU install").
         "gpu": ["dask-cuda>=24.12", "cudf-cu12>=24.12", "dask-cudf-cu12>=24.12", "cupy-cuda12x>=13"],
         # sybil: every code block of README.md and docs/*.md runs as a test (conftest.py)
-        "test": ["pytest>=7", "sybil>=9", "nbformat>=5", "nbclient>=0.9", "ipykernel>=6"],
+        # transformers: the mapping of a 1.x model_dir's CLIP weights to timm is checked against it
+        "test": ["pytest>=7", "sybil>=9", "nbformat>=5", "nbclient>=0.9", "ipykernel>=6", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["nemo-curator-image=nemo_curator.scripts.cli:main"]},
 )

@@ -23,7 +23,7 @@ def test_walkthrough_notebook_executes_in_smoke_mode(client, tmp_path, monkeypat
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "SMOKE MODE" in text and "samples in" in text
+    assert "SMOKE MODE" in text and "samples in" in text and "the stage API kept" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the histograms and the grid of kept and dropped images
     work = tmp_path / "work"

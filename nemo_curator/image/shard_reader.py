@@ -222,7 +222,7 @@ class _ShardRun:
             expected = [k for k, _ in want]
             if got != expected:
                 raise RuntimeError(f"DALI returned samples {got[:3]}... where {expected[:3]}... were expected in {self.tar_path}")
-            yield expected, _to_torch(images, len(want), self.device, uniform=self.reader.transform is not None)
+            yield expected, to_torch(images, len(want), self.device, uniform=self.reader.transform is not None)
             since_trim += len(want)
             if since_trim >= TRIM_EVERY_IMAGES:
                 trim_heap()
@@ -285,7 +285,7 @@ def _cuda_index(device: str) -> int | None:
     return torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
 
 
-def _to_torch(images, n: int, device: str, uniform: bool):
+def to_torch(images, n: int, device: str, uniform: bool):
     """DALI output -> torch on ``device``, GPU data staying on the GPU: one (N, C, H, W) float
     tensor when the samples share a shape (``uniform``), else a list of N (H, W, C) tensors."""
     import numpy as np

@@ -189,6 +189,7 @@ def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_s
     cluster_kwargs.setdefault("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)
     if n_workers is not None and n_workers != os.cpu_count():
         extra["n_workers"] = n_workers  # default: one worker per visible GPU
+    cluster_kwargs.setdefault("resources", {"GPU": 1})  # one GPU per worker: stages ask for fractions of it
     cluster = _start_local_cluster(dask_cuda.LocalCUDACluster, protocol=protocol, enable_cudf_spill=enable_spilling,
                                    **extra, **cluster_kwargs)
     return Client(cluster)

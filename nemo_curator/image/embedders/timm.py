@@ -174,6 +174,14 @@ class TimmImageEmbedder(ImageEmbedder):
                 f"model.safetensors in the Hugging Face cache ($HF_HOME/hub/models--timm--<name>/snapshots/<rev>/) "
                 f"and set HF_HUB_OFFLINE=1 on every worker"
             ) from err
+        return self.run_model(model, device)
+
+    def run_model(self, model, device: str):
+        """A built timm model, ready to embed: moved to ``device`` in eval mode, channels_last on a
+        GPU (malloc tuned on a CPU), compiled if asked; returns ``batch (N,3,H,W) -> (N,D)`` under
+        the precision policy. The one place a subclass that builds its model otherwise goes through."""
+        import torch
+
         model = model.eval().to(device)
         use_autocast = self.uses_bf16(device)
         device_type = "cuda" if device.startswith("cuda") else "cpu"

@@ -1,0 +1,1 @@
+"""Image stages: reader, writer, CLIP embedding, aesthetic and NSFW filters, duplicate removal."""
