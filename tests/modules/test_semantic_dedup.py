@@ -580,3 +580,13 @@ def test_gpu_kernel_and_assignment_match_the_cpu():
     for a, b in zip(nearest_centroids(X, centroids, "cpu"), nearest_centroids(X, centroids, "cuda")):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert kmeans_backend() in ("faiss-gpu", "cuml", "faiss")
+
+
+def test_the_real_removal_stage_reads_only_the_removal_list_of_the_legacy_output_dir(legacy_one_cluster):
+    from nemo_curator.stages.image.deduplication.removal import ImageDuplicatesRemovalStage
+
+    duplicates = legacy_one_cluster["out"] / "duplicates"
+    assert any(p.name.startswith("_") for p in duplicates.iterdir())  # the working tables live there too
+    stage = ImageDuplicatesRemovalStage(removal_parquets_dir=str(duplicates))
+    stage.setup()
+    assert set(stage._ids) == legacy_one_cluster["removed"]

@@ -22,13 +22,19 @@ from nemo_curator.utils.resume import identities
 logger = logging.getLogger(__name__)
 
 
+# Files and folders that start with these are not removal lists (the dedup step's working tables,
+# the lists of other eps values, temporaries), as pyarrow datasets and Hive skip them.
+_HIDDEN = ("_", ".")
+
+
 @dataclass
 class ImageDuplicatesRemovalStage(ProcessingStage[ImageBatch, ImageBatch]):
     """Remove the images whose ``image_id`` is in ``removal_parquets_dir``'s parquets.
 
     Args:
-        removal_parquets_dir: a folder of ``*.parquet`` files (searched recursively, hidden
-            files skipped) with a column ``duplicate_id_field`` of ids to remove.
+        removal_parquets_dir: a folder of ``*.parquet`` files (searched recursively; files and
+            folders whose names start with ``_`` or ``.`` skipped) with a column
+            ``duplicate_id_field`` of ids to remove.
         duplicate_id_field: that column (``id``, what the dedup step writes).
         verbose: log each batch's counts.
         num_workers_per_node: accepted for 1.x compatibility (a Xenna setting; unused on Dask).
@@ -59,8 +65,11 @@ class ImageDuplicatesRemovalStage(ProcessingStage[ImageBatch, ImageBatch]):
         if not os.path.isdir(self.removal_parquets_dir):
             raise FileNotFoundError(f"removal_parquets_dir {self.removal_parquets_dir} does not exist: pass the folder "
                                     f"the dedup step wrote its removal parquets to")
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(self.removal_parquets_dir)
-                       for name in names if name.endswith(".parquet") and not name.startswith("."))
+        files = []
+        for root, folders, names in os.walk(self.removal_parquets_dir):
+            folders[:] = [f for f in folders if not f.startswith(_HIDDEN)]  # Hive's rule, as pyarrow datasets read
+            files += [os.path.join(root, n) for n in names if n.endswith(".parquet") and not n.startswith(_HIDDEN)]
+        files.sort()
         if not files:
             raise FileNotFoundError(f"no parquet files in {self.removal_parquets_dir}: pass the folder the dedup step "
                                     f"wrote its removal parquets to")
