@@ -18,12 +18,7 @@ class ImageAestheticFilterStage(BaseFilterStage):
     the same head as ``nemo_curator.image.classifiers.AestheticClassifier``: same scores.
     """
 
-    model_dir: str | None = None
-    num_gpus_per_worker: float = 0.25
-    model_inference_batch_size: int = 32
-    score_threshold: float = 0.5
-    verbose: bool = False
-    name: str = "image_aesthetic_filter"
+    name: str = "image_aesthetic_filter"  # the other fields and their defaults: BaseFilterStage's
 
     score_attribute = "aesthetic_score"
     model_name = "aesthetic"
