@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from nemo_curator.modules.semantic_dedup.deduplicator import DEFAULT_KEEP_COLUMN
-from nemo_curator.modules.semantic_dedup.exact import DEFAULT_HASH_COLUMN
-from nemo_curator.modules.semantic_dedup.matching import SIM_METRICS, WHICH_TO_KEEP, check_eps
 from nemo_curator.scripts.common import open_client, positive_int, say
-from nemo_curator.utils.constants import DEFAULT_ID_COL, EMBEDDING_COLUMN
+from nemo_curator.utils.constants import (DEDUP_KEEP_COLUMN as DEFAULT_KEEP_COLUMN, DEFAULT_ID_COL, EMBEDDING_COLUMN,
+                                          HASH_COLUMN as DEFAULT_HASH_COLUMN, SIM_METRICS, WHICH_TO_KEEP)
 
 
 def _eps(text: str) -> float:
+    from nemo_curator.modules.semantic_dedup.matching import check_eps  # the dedup modules load only when used
+
     try:
         return check_eps(float(text))
     except ValueError as err:

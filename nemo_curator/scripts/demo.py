@@ -23,8 +23,6 @@ from typing import Sequence
 
 import numpy as np
 
-from nemo_curator.image.classifiers import build_heads, write_random_heads
-from nemo_curator.image.weights import check_weights
 from nemo_curator.utils.constants import (DEFAULT_ID_COL, DEFAULT_MODEL, HEAD_NAMES, KEEP_COLUMN, TINY_MODEL_KWARGS,
                                           SMOKE_WARNING)
 from nemo_curator.utils.sample_data import shared_photos_dir
@@ -90,6 +88,10 @@ def prepare_demo(output: str | os.PathLike, smoke: bool = False, photos: str | o
     report shows both failure kinds. Raises WeightsUnavailableError (nothing written) when the
     real weights cannot be had, FileExistsError for a folder the demo did not write.
     """
+    # torch comes with the heads: imported when a demo runs, not when the command line starts
+    from nemo_curator.image.classifiers import write_random_heads
+    from nemo_curator.image.weights import check_weights
+
     output = Path(output).resolve()
     head_paths = dict(head_paths or {})
     if not smoke:
@@ -155,6 +157,8 @@ def run_demo(plan: DemoPlan, show_progress: bool = True):
 
     say = print if show_progress else logger.info
     dataset = ImageTextPairDataset.from_webdataset(plan.dataset, id_col=ID_COL)
+    from nemo_curator.image.classifiers import build_heads
+
     embedder = build_embedder(heads=build_heads(HEAD_NAMES, plan.head_paths), **plan.embedder_kwargs)
     say(f"embedding {len(dataset.tar_files)} shards of {plan.dataset} with {embedder.model_name}"
         f"{' (tiny, random)' if plan.smoke else ''} + aesthetic and NSFW heads")

@@ -30,6 +30,12 @@ SMOKE_WARNING = ("SMOKE MODE: a tiny random model and random heads - the scores 
 HEAD_NAMES = ("aesthetic", "nsfw")  # the classifier heads by command-line name
 PRECISIONS = ("auto", "bf16", "fp32")  # see nemo_curator.utils.device.resolve_bf16
 
+# -- deduplication ------------------------------------------------------------------------------
+DEDUP_KEEP_COLUMN = "is_unique"  # the boolean column the deduplicators write (False: remove)
+HASH_COLUMN = "sha256"  # hex SHA-256 of a sample's image bytes (img2dataset writes it)
+WHICH_TO_KEEP = ("hard", "easy", "random")  # SemDeDup's choice of the row kept in a group
+SIM_METRICS = ("cosine", "l2")  # the distance to the centroid that ranks a cluster's rows
+
 # -- filter cuts ----------------------------------------------------------------------------------
 DEFAULT_AESTHETIC_THRESHOLD = 6.0  # keep aesthetic_score above it (5, 6 and 6.5 are common cuts)
 DEFAULT_NSFW_THRESHOLD = 0.5  # keep nsfw_score below it

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from dask.utils import parse_bytes
 
+from nemo_curator.utils.constants import DEDUP_KEEP_COLUMN
 from nemo_curator.modules.semantic_dedup.clustering import (NEAREST_CENT_COL, PART_COL, assign_partitions,
                                                             fit_centroids, group_by_cluster)
 from nemo_curator.modules.semantic_dedup.matching import (check_choices, check_eps, match_cluster, rank_cluster,
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 DUPLICATE_OF_COL = "duplicate_of"
 MAX_SIMILARITY_COL = "max_similarity"
-DEFAULT_KEEP_COLUMN = "is_unique"
+DEFAULT_KEEP_COLUMN = DEDUP_KEEP_COLUMN
 REMOVAL_ID_COL = "id"  # the column ImageDuplicatesRemovalStage reads (its duplicate_id_field default)
 
 

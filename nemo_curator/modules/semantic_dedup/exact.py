@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from nemo_curator.utils.constants import HASH_COLUMN
 from nemo_curator.modules.semantic_dedup.clustering import PART_COL
 from nemo_curator.modules.semantic_dedup.deduplicator import DEFAULT_KEEP_COLUMN, DUPLICATE_OF_COL
 from nemo_curator.modules.semantic_dedup.shards import attach_to_dataset, persist_and_wait, to_shard_partitions
@@ -26,7 +27,7 @@ from nemo_curator.utils.webdataset import (DEFAULT_IMAGE_EXTENSIONS, iter_tar_sa
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HASH_COLUMN = "sha256"
+DEFAULT_HASH_COLUMN = HASH_COLUMN
 ROW_COL = "_row"  # row position within its shard: dataset order breaks ties
 
 

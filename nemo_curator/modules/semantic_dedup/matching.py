@@ -17,13 +17,12 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from nemo_curator.utils.constants import SIM_METRICS, WHICH_TO_KEEP
 from nemo_curator.modules.semantic_dedup.arrays import bytes_to_rows
 from nemo_curator.modules.semantic_dedup.clustering import (COSINE_DIST_TO_CENT_COL, EMB_COL, L2_DIST_TO_CENT_COL,
                                                             NEAREST_CENT_COL)
 from nemo_curator.modules.semantic_dedup.kernel import max_similarity_to_earlier
 
-WHICH_TO_KEEP = ("hard", "easy", "random")
-SIM_METRICS = ("cosine", "l2")
 LEGACY_RANDOM_SEED = 42  # NeMo Curator 0.9 shuffles clusters with random_state=42
 
 
