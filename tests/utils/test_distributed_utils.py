@@ -184,8 +184,12 @@ def test_a_tls_secured_scheduler_and_worker_run_a_job_through_the_scheduler_file
             assert client.submit(sum, [1, 2, 3]).result() == 6
         finally:
             client.close()
-        with pytest.raises(Exception):  # without the certificates the scheduler does not talk
-            get_client(scheduler_file=str(scheduler_file), timeout="3s")
+        # without the certificates the scheduler does not talk (in another process: a Client that
+        # failed to connect stays registered as this process's default client)
+        refused = subprocess.run([sys.executable, "-c", "import sys; from nemo_curator import get_client; "
+                                  f"get_client(scheduler_file={str(scheduler_file)!r}, timeout='3s')"],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
     finally:
         for proc in procs[::-1]:
             proc.terminate()
