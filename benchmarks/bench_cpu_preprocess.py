@@ -31,33 +31,26 @@ BATCH = 32
 
 
 def reader_module(embedder_cls):
-    """The module whose DALI reader ``embedder_cls`` runs (``_PREFETCH_DEPTH``, ``dali_preprocess``):
-    the shard reader now, the embedder's own module in a baseline revision."""
+    """The module whose DALI graph ``embedder_cls`` builds with ``dali_preprocess``: the shard
+    reader now, the embedder's own module in the baseline revision."""
     from nemo_curator.image import shard_reader
 
     module = sys.modules[embedder_cls.__module__]
-    return module if hasattr(module, "_PREFETCH_DEPTH") else shard_reader
+    return module if hasattr(module, "dali_preprocess") else shard_reader
 
 
-def ours_case(tars, embedder_cls, batch_size=BATCH, threads=None, depth=None, use_index_files=False):
-    timm_module = reader_module(embedder_cls)
+def ours_case(tars, embedder_cls, batch_size=BATCH, threads=None, use_index_files=False):
     threads = threads or os.cpu_count()
     embedder = embedder_cls(MODEL_NAME, batch_size=batch_size, num_threads_per_worker=threads, model_kwargs=TINY_MODEL_KWARGS,
                             use_index_files=use_index_files)
 
     def run(tars=tars):
-        old = timm_module._PREFETCH_DEPTH
-        if depth is not None:
-            timm_module._PREFETCH_DEPTH = depth
-        try:
-            n = 0
-            for tar in tars:
-                for item in embedder.iter_shard(tar, None, "__key__", "cpu"):
-                    if item.batch is not None:
-                        n += item.batch.shape[0]
-            return {"images": n}
-        finally:
-            timm_module._PREFETCH_DEPTH = old
+        n = 0
+        for tar in tars:
+            for item in embedder.iter_shard(tar, None, "__key__", "cpu"):
+                if item.batch is not None:
+                    n += item.batch.shape[0]
+        return {"images": n}
 
     return run
 
@@ -96,7 +89,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer images and one repeat (a smoke run)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--knobs", action="store_true", help="also sweep DALI threads, batch size and prefetch depth (500x375)")
+    ap.add_argument("--knobs", action="store_true", help="also sweep DALI threads and batch size (500x375)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the rows of the code before the speed changes")
     ap.add_argument("--ablation", action="store_true",
                     help="also each change alone: the reader's scheduling (timm.py) and the ROI resize (transforms.py)")
@@ -135,11 +128,9 @@ def main(argv=None):
         folder = photo_dataset("photos_500x375", SIZES["500x375"], *shards["500x375"], write_index=True)
         tars = tars_of(folder)
         cases = {}
-        for threads in (1, 2):
+        for threads in (1, 2):  # the reader decodes one batch ahead of the one being used (no depth knob)
             for bs in (32, 128):
-                cases[f"threads={threads} batch={bs} depth=2"] = ours_case(tars, TimmImageEmbedder, bs, threads)
-        for depth in (1, 3):
-            cases[f"threads=2 batch=32 depth={depth}"] = ours_case(tars, TimmImageEmbedder, 32, 2, depth)
+                cases[f"threads={threads} batch={bs}"] = ours_case(tars, TimmImageEmbedder, bs, threads)
         log("knobs (500x375)")
         res = measure(cases, tars, repeats)
         results["knobs_500x375"] = res
@@ -166,12 +157,16 @@ def main(argv=None):
                 patched = reader_module(embedder_cls)
 
                 def run(tars=tars):
+                    from nemo_curator.image.shard_reader import PIPELINES
+
                     saved = patched.dali_preprocess
                     patched.dali_preprocess = preprocess
+                    PIPELINES.clear()  # pipelines built with the other variant's graph are reused otherwise
                     try:
                         return inner(tars=tars)
                     finally:
                         patched.dali_preprocess = saved
+                        PIPELINES.clear()
                 return run
 
             cases = {"before (both old)": variant(old_timm, old_preprocess),

@@ -5,7 +5,8 @@
 Each benchmark runs in its own process, prints its Markdown table and writes
 ``benchmarks/_data/results/<name>.json``; this script then writes all the tables, with the
 machine and versions, to ``benchmarks/_data/results/summary.md``. The GPU benchmark skips
-itself on a machine without CUDA.
+itself on a machine without CUDA, the clip-retrieval one without clip-retrieval's virtualenv
+(``bash benchmarks/clip_retrieval/setup.sh``).
 """
 from __future__ import annotations
 
@@ -24,16 +25,21 @@ import common  # noqa: E402
 BENCHMARKS = {  # result name -> script
     "cpu_preprocess": "bench_cpu_preprocess.py",
     "cpu_end_to_end": "bench_cpu_end_to_end.py",
+    "clip_retrieval": "bench_clip_retrieval.py",  # skips itself without benchmarks/clip_retrieval/setup.sh's venv
     "scaling": "bench_scaling.py",
     "memory": "bench_memory.py",
     "gpu": "bench_gpu.py",
+    "shard_cost": "bench_shard_cost.py",
+    "multi_machine": "bench_multi_machine.py",
+    "client_scale": "bench_client_scale.py",
 }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke runs: fewer images, one repeat")
-    ap.add_argument("--full", action="store_true", help="benchmark 1 with its knob sweep and per-change ablation too")
+    ap.add_argument("--full", action="store_true", help="benchmark 1 with its knob sweep and per-change ablation too, "
+                    "the clip-retrieval one with its settings sweep")
     ap.add_argument("--only", default="", help="comma-separated names among " + ", ".join(BENCHMARKS))
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
@@ -47,6 +53,8 @@ def main(argv=None):
             cmd.append("--quick")
         if args.full and name == "cpu_preprocess":
             cmd += ["--knobs", "--ablation"]
+        if args.full and name == "clip_retrieval":
+            cmd.append("--sweep")
         common.log(f"=== {name}: {' '.join(cmd)}")
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:

@@ -19,11 +19,13 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nemo_curator.datasets.reshard import to_webdataset as _to_webdataset
 from nemo_curator.utils.arrow import partition_to_arrow
 from nemo_curator.utils.file_utils import read_parquet_schema, read_parquet_table, write_parquet_atomic
 from nemo_curator.utils.frames import id_dtype, is_pandas, object_columns, to_cudf
+from nemo_curator.utils.graphs import share_one_layer
 from nemo_curator.utils.import_utils import gpu_only_import
 from nemo_curator.utils.resume import (RESUME_KEY, UNTRACKED, LineageStep, file_identity, fingerprint, identities,
                                        lineage_keys,
@@ -215,6 +217,9 @@ class ImageTextPairDataset:
                 new_stats.append(dask.delayed(merge_stats, pure=True)(shard.stats, result[1]))
             else:
                 new_parts.append(result)
+        # one graph layer for all shards: Dask culls a graph layer by layer against every key (O(shards²))
+        shared = share_one_layer(new_parts + new_stats, name)
+        new_parts, new_stats = shared[:len(new_parts)], shared[len(new_parts):]
         with object_columns():
             metadata = dd.from_delayed(new_parts, meta=meta, verify_meta=False)
         return self.with_metadata(metadata, lineage_step, new_stats if returns_stats else None)
@@ -343,12 +348,18 @@ def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
     Raises KeyError naming the first file that lacks ``id_col``, ValueError naming a file that is
     not parquet.
     """
+    paths = list(parquet_paths)
+    chunks = [paths[i:i + SCHEMA_CHUNK] for i in range(0, len(paths), SCHEMA_CHUNK)]
+    schemas: dict[str, pa.Schema] = {}  # the distinct ones, in order of first appearance
     with ThreadPoolExecutor(max_workers=16) as pool:
-        schemas = list(pool.map(read_parquet_schema, parquet_paths))
-    for path, schema in zip(parquet_paths, schemas):
-        if id_col not in schema.names:
-            raise KeyError(f"id column {id_col!r} is not in {path}; its columns are {schema.names}. "
-                           f"Pass id_col= the column that holds each sample's key")
+        for distinct, lacking in pool.map(_distinct_schemas, chunks, [id_col] * len(chunks)):
+            if lacking is not None:
+                path, schema = lacking
+                raise KeyError(f"id column {id_col!r} is not in {path}; its columns are {schema.names}. "
+                               f"Pass id_col= the column that holds each sample's key")
+            for key, schema in distinct.items():
+                schemas.setdefault(key, schema)
+    schemas = list(schemas.values())
     fields: dict[str, pa.Field] = {}
     for schema in schemas:
         for field in schema:
@@ -357,6 +368,22 @@ def _union_schema(parquet_paths: Sequence[str], id_col: str) -> pa.Schema:
     fields[id_col] = pa.field(id_col, pa.string())
     ordered = [id_col] + [n for n in fields if n != id_col]
     return pa.schema([fields[n].remove_metadata() for n in ordered])
+
+
+# footers read per thread task: a future per file cost the client more than the read (100,000 shards)
+SCHEMA_CHUNK = 256
+
+
+def _distinct_schemas(paths: Sequence[str], id_col: str) -> tuple[dict, tuple | None]:
+    """The distinct schemas of ``paths`` (keyed by their text without the file metadata, which
+    holds e.g. pandas' row count), and ``(path, schema)`` of the first file that lacks ``id_col``."""
+    distinct: dict[str, pa.Schema] = {}
+    for path in paths:
+        schema = read_parquet_schema(path)
+        if id_col not in schema.names:
+            return distinct, (path, schema)
+        distinct.setdefault(schema.remove_metadata().to_string(), schema)
+    return distinct, None
 
 
 def _empty_frame(schema: pa.Schema, id_col: str) -> pd.DataFrame:
@@ -372,27 +399,35 @@ def read_shard_metadata(parquet_path: str, id_col: str, columns: Sequence[str], 
     their decimal form). Raises ValueError naming the file for null or duplicate ids, or for a
     file that is not parquet.
     """
-    # one thread: Arrow's thread pool added 10 MB of RSS for a 10,000-row shard (benchmark 4), no speed
-    table = read_parquet_table(parquet_path)
+    # one thread: Arrow's thread pool added 10 MB of RSS for a 10,000-row shard (benchmark 4), no speed;
+    # only the columns asked for (a filter's count pass does not read the embeddings) and the ids
+    table = read_parquet_table(parquet_path, [id_col] + [c for c in columns if c != id_col], only_present=True)
     if id_col not in table.column_names:
-        raise KeyError(f"id column {id_col!r} is not in {parquet_path}; its columns are {table.column_names}")
+        raise KeyError(f"id column {id_col!r} is not in {parquet_path}; its columns are "
+                       f"{read_parquet_schema(parquet_path).names}")
     ids = table.column(id_col)
     if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
-        table = table.set_column(table.column_names.index(id_col), id_col, ids.cast(pa.string()))
-    frame = table.to_pandas()
-    frame[id_col] = frame[id_col].astype(id_dtype())
-    if frame[id_col].isna().any():
-        rows = list(np.flatnonzero(frame[id_col].isna().to_numpy())[:5])
-        raise ValueError(f"{parquet_path}: {frame[id_col].isna().sum()} rows have no id in column {id_col!r} "
+        ids = ids.cast(pa.string())
+        table = table.set_column(table.column_names.index(id_col), id_col, ids)
+    # the checks run on the Arrow column (a few µs); pandas only builds the messages
+    if ids.null_count:
+        rows = list(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[:5])
+        raise ValueError(f"{parquet_path}: {ids.null_count} rows have no id in column {id_col!r} "
                          f"(first row positions {rows}); every row needs the key of its sample")
-    dup = frame[id_col][frame[id_col].duplicated()]
-    if len(dup):
+    if pc.count_distinct(ids).as_py() != len(ids):
+        as_series = pd.Series(ids.to_pylist())
+        dup = as_series[as_series.duplicated()]
         raise ValueError(f"{parquet_path}: duplicate ids in column {id_col!r}: {sorted(set(dup))[:10]}; "
                          "ids must be unique within a shard")
-    for col in columns:
-        if col not in frame.columns:
-            frame[col] = None
-    frame = frame[list(columns)]
+    present = set(table.column_names)
+    frame = table.select([c for c in columns if c in present]).to_pandas()
+    if id_col in frame.columns and frame[id_col].dtype != id_dtype():
+        frame[id_col] = frame[id_col].astype(id_dtype())
+    if len(frame.columns) < len(columns):
+        for col in columns:
+            if col not in present:
+                frame[col] = None
+        frame = frame[list(columns)]
     if backend == "cudf":
         return to_cudf(frame)
     return frame

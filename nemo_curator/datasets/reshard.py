@@ -134,8 +134,8 @@ def _validate(dataset, out_dir: str, filter_column: str, samples_per_shard: int,
                          "pass another name (e.g. 'old_key') or None")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"to_webdataset: {out_dir} exists and is not a folder; pass a folder path")
-    sources = {os.path.realpath(os.path.dirname(os.path.abspath(path)))
-               for shard in dataset.shards for path in (shard.tar, shard.metadata_file)}
+    folders = {os.path.dirname(os.path.abspath(path)) for shard in dataset.shards for path in (shard.tar, shard.metadata_file)}
+    sources = {os.path.realpath(folder) for folder in folders}  # a realpath per folder, not per file
     if os.path.realpath(out_dir) in sources | {os.path.realpath(dataset.path)}:
         raise ValueError(f"to_webdataset: {out_dir} holds the input shards or the metadata they are read from; "
                          f"write the new shards to another folder")
@@ -232,15 +232,17 @@ def _kept_rows(frame, filter_column: str) -> pd.DataFrame:
     return frame[kept_mask(frame[filter_column])].reset_index(drop=True)
 
 
-def _slice_rows(frame: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
-    return frame.iloc[start:stop]
+def _read_piece(frame, tar_path: str, filter_column: str, id_col: str, start: int, stop: int) -> tuple[pd.DataFrame, dict]:
+    """The kept rows ``start:stop`` of one input shard and where their samples lie in its tar."""
+    rows = _kept_rows(frame, filter_column).iloc[start:stop]
+    return rows, _locate_samples(tar_path, rows, id_col)
 
 
 def _locate_samples(tar_path: str, kept: pd.DataFrame, id_col: str) -> dict:
-    """Where the kept samples lie in ``tar_path``: ``{"members": {id: [TarMember]}, "duplicate_keys": n}``.
+    """Where the samples of ``kept`` lie in ``tar_path``: ``{"members": {id: [TarMember]}, "duplicate_keys": n}``.
 
-    Reads tar headers only; samples whose id is not kept are not recorded. A key that appears
-    again later in the tar keeps its first group (the repeat is counted in ``duplicate_keys``).
+    Reads tar headers only; samples whose id is not in ``kept`` are not recorded. A key that
+    appears again later in the tar keeps its first group (the repeat is counted in ``duplicate_keys``).
     """
     wanted = set(kept[id_col].astype(str))
     members: dict[str, list[TarMember]] = {}
@@ -256,21 +258,19 @@ def _locate_samples(tar_path: str, kept: pd.DataFrame, id_col: str) -> dict:
 
 def _output_works(dataset, out_dir: str, plan: list[list[Piece]], job: str, filter_column: str, max_shards: int,
                   samples_per_shard: int, old_id_col: str | None) -> list[ShardWork]:
-    """One ``ShardWork`` per output shard. Its task reads the kept rows of its input shards and
-    their members' offsets: one filter task and one header scan per input shard, shared by the
-    output shards it feeds, and built only for output shards that are not complete."""
+    """One ``ShardWork`` per output shard, built only for output shards that are not complete.
+    Its task gathers one task per piece (``_read_piece``: the kept rows of an input shard and
+    their members' offsets), which the workers run in parallel; an input shard that feeds two
+    output shards is read by each of them (a second parquet read and header scan, at most one
+    per output shard, where sharing it would cost every piece a task of its own)."""
     parts = dataset.metadata.to_delayed()
-    kept: dict[int, object] = {}
-    located: dict[int, object] = {}
 
     def make_task(o: int, pieces: list[Piece], shard: Shard, inputs: dict):
         args = []
         for i, start, stop in pieces:
-            if i not in kept:
-                kept[i] = dask.delayed(_kept_rows, pure=True)(parts[i], filter_column)
-                located[i] = dask.delayed(_locate_samples, pure=True)(dataset.shards[i].tar, kept[i], dataset.id_col)
-            rows = dask.delayed(_slice_rows, pure=True)(kept[i], start, stop)
-            args.append((dataset.shards[i].tar, start, stop, rows, located[i]))
+            tar = dataset.shards[i].tar
+            piece = dask.delayed(_read_piece, pure=True)(parts[i], tar, filter_column, dataset.id_col, start, stop)
+            args.append((tar, start, stop, piece))
         return dask.delayed(_write_output_shard, pure=False)(args, o, shard, dataset.id_col, old_id_col, max_shards,
                                                              samples_per_shard, job, inputs)
 
@@ -285,7 +285,7 @@ def _output_works(dataset, out_dir: str, plan: list[list[Piece]], job: str, filt
 
 def _write_output_shard(pieces, index: int, shard: Shard, id_col: str, old_id_col: str | None,
                         max_shards: int, samples_per_shard: int, job: str, inputs: dict) -> dict:
-    """Write one output shard from its pieces ``(tar, start, stop, rows, located)``; return its stats.
+    """Write one output shard from its pieces ``(tar, start, stop, (rows, located))``; return its stats.
 
     Members are read one at a time (seek + read) and written in row order; the parquet gets one
     row per written sample. Files: tar, idx, parquet, then the stats file (completion marker).
@@ -295,7 +295,7 @@ def _write_output_shard(pieces, index: int, shard: Shard, id_col: str, old_id_co
     frames, new_ids, old_ids = [], [], []
     with atomic_write(shard.tar) as out:
         writer = TarWriter(out)
-        for tar_path, _, _, rows, located in pieces:
+        for tar_path, _, _, (rows, located) in pieces:
             stats.samples_in += len(rows)
             stats.duplicate_keys += located["duplicate_keys"]
             written = np.zeros(len(rows), dtype=bool)
@@ -335,6 +335,6 @@ def _write_output_shard(pieces, index: int, shard: Shard, id_col: str, old_id_co
                        stats.missing_sample, shard.name)
     stats.status_counts = status_counts(table)
     stats.bytes_written = os.path.getsize(shard.tar)
-    stats.inputs = [{"tar": t, "start": a, "stop": b} for t, a, b, _, _ in pieces]
+    stats.inputs = [{"tar": t, "start": a, "stop": b} for t, a, b, _ in pieces]
     stats.seconds = round(time.time() - started, 4)
     return commit_shard(stats.to_dict(), shard.stats, job, inputs, [shard.tar, shard.idx, shard.parquet])

@@ -4,10 +4,13 @@ The one reader of images in this package, used by ``TimmImageEmbedder`` and by t
 
 - member selection: per sample the first image extension of ``image_extensions`` it has
   (``utils.webdataset.pick_image_member``), from the tar's headers or its DALI index file;
-- DALI's webdataset reader over an index of just the wanted members (unwanted samples are never
-  read or decoded), decoding on the GPU ("mixed", nvJPEG) or the CPU;
+- the wanted members' bytes read from the tar (unwanted samples are never read or decoded) and
+  fed to a DALI pipeline that decodes on the GPU ("mixed", nvJPEG) or the CPU; the pipeline is
+  built once per process and setting, and reused by the next shards (``PIPELINES``);
 - the preprocessing of a ``TransformSpec`` (timm's eval transform) inside the same DALI graph, or
   none (``transform=None``: the decoded RGB pictures);
+- the member selection runs when ``read`` is called, the decoding when its items are taken (so
+  that ``embed_shard`` takes its turn on the device only for the decoding and the model);
 - failed-batch isolation: DALI cannot drop one sample from a batch and a pipeline that raised is
   dead, so a failed batch is redone image by image and each image that still fails is reported
   ``decode_failed`` while the others go on;
@@ -21,22 +24,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 from nemo_curator.image.transforms import TransformSpec, dali_preprocess
 from nemo_curator.utils.constants import DECODE_FAILED, EXTRA_IN_TAR, MISSING_IMAGE, OK
 from nemo_curator.utils.cpu_tuning import TRIM_EVERY_IMAGES, trim_heap
 from nemo_curator.utils.device import check_device, worker_device
-from nemo_curator.utils.distributed_utils import cpu_threads_per_worker
+from nemo_curator.utils.distributed_utils import cpu_threads_per_worker, on_clear_worker_cache
 from nemo_curator.utils.webdataset import (DEFAULT_IMAGE_EXTENSIONS, Shard, TarMember, iter_tar_samples,
-                                           pick_image_member, read_dali_index, split_member_name)
+                                           pick_image_member, read_dali_index, read_member_bytes)
 
 logger = logging.getLogger(__name__)
 
-_DALI_EXT = "img"  # every image member is listed under this extension in the index given to DALI
-_PREFETCH_DEPTH = 2  # DALI iterations in flight ahead of the batch being read (DALI's default)
+_INPUT_NAME = "encoded"  # the pipeline's input: the encoded bytes of one batch of images
 
 
 @dataclass
@@ -116,8 +118,10 @@ class DaliShardReader:
     # -- reading ----------------------------------------------------------------------------------
     def read(self, tar_path: str, wanted_ids: Collection[str] | None = None,
              device: str | None = None) -> Iterator[ShardItems]:
-        """Yield ``ShardItems`` for the wanted images of one tar (all of them when ``wanted_ids`` is None).
+        """``ShardItems`` for the wanted images of one tar (all of them when ``wanted_ids`` is None).
 
+        The tar is scanned and the members chosen now, in this call; the iterator returned then
+        decodes (so a caller can take its turn on the device after the scan: ``embed_shard``).
         ``device``: where batches go (default: this reader's ``device``, "auto" resolved here).
         """
         device = worker_device(device or self.device)
@@ -133,6 +137,9 @@ class DaliShardReader:
                 selected.append((key, member))
         if wanted_ids is not None:
             no_image += [i for i in wanted_ids if i not in seen]
+        return self._items(tar_path, selected, extra, no_image, device)
+
+    def _items(self, tar_path, selected, extra, no_image, device) -> Iterator[ShardItems]:
         if extra:
             yield ShardItems(None, extra, EXTRA_IN_TAR)
         if no_image:
@@ -144,22 +151,79 @@ class DaliShardReader:
                      device: str) -> Iterator[ShardItems]:
         """Yield ``ShardItems`` for the given ``(key, image member)`` pairs of one tar, in order."""
         threads = self.num_threads or cpu_threads_per_worker()
-        with tempfile.TemporaryDirectory(prefix="nemo-curator-dali-") as tmp:
-            run = _ShardRun(self, tar_path, tmp, device, threads)
-            yield from run.read(samples, self.batch_size)
+        yield from _ShardRun(self, tar_path, device, threads).read(samples, self.batch_size)
+
+    def pipeline_key(self, device_id: int | None, threads: int) -> tuple:
+        """What makes a built pipeline of this reader reusable by another: its settings."""
+        return (type(self), device_id, threads, self.batch_size, self.transform, self.adjust_orientation,
+                self.hw_decoder_load if device_id is not None else None)
+
+    def build_pipeline(self, device_id: int | None, threads: int):
+        """A built DALI pipeline: encoded images fed to ``"encoded"`` (batches of 1 to
+        ``batch_size``) -> decoded (and preprocessed) images, on GPU ``device_id`` or the CPU."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = device_id is not None
+
+        # exec_dynamic: outputs own their memory, so the next batch runs while this one is used
+        @pipeline_def(batch_size=self.batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=1,
+                      exec_dynamic=True)
+        def pipeline():
+            encoded = fn.external_source(name=_INPUT_NAME, dtype=types.UINT8, ndim=1)
+            decoder_options = {"hw_decoder_load": self.hw_decoder_load} if gpu and self.hw_decoder_load is not None else {}
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       adjust_orientation=self.adjust_orientation, **decoder_options)
+            return dali_preprocess(images, self.transform) if self.transform is not None else images
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+
+class _PipelinePool:
+    """This process's idle built pipelines, by ``DaliShardReader.pipeline_key``: a shard checks one
+    out and gives it back when it read every batch it scheduled, so that the next shard does not
+    build one again (building cost ~25 ms of CPU per shard, most of a small shard's fixed cost).
+    A pipeline that raised is never given back: DALI cannot run it again."""
+
+    def __init__(self, max_idle_per_key: int = 2):
+        self._idle: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+        self._max_idle = max_idle_per_key
+
+    def checkout(self, key: tuple, build: Callable[[], Any]):
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop()
+        return build()
+
+    def give_back(self, key: tuple, pipe) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self._max_idle:
+                idle.append(pipe)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+PIPELINES = _PipelinePool()
+on_clear_worker_cache(PIPELINES.clear)  # clear_worker_cache frees their memory too
 
 
 class _ShardRun:
     """DALI over chosen members of one tar; on a failed batch, finds the bad images."""
 
-    def __init__(self, reader: DaliShardReader, tar_path: str, tmp_dir: str, device: str, threads: int):
+    def __init__(self, reader: DaliShardReader, tar_path: str, device: str, threads: int):
         self.reader = reader
         self.tar_path = tar_path
-        self.tmp_dir = tmp_dir
         self.device = device
         self.device_id = _cuda_index(device)
+        self.key = reader.pipeline_key(self.device_id, threads)
         self.threads = threads
-        self._segment = 0
+        self.unreadable: dict[str, str] = {}  # key -> why its member's bytes could not be read
 
     def read(self, samples: list[tuple[str, TarMember]], batch_size: int) -> Iterator[ShardItems]:
         start = 0
@@ -182,83 +246,67 @@ class _ShardRun:
                 start += done + failure.batch_len
 
     def _run(self, samples, batch_size: int):
-        """Yield (ids, batch) for ``samples`` in order; raise _BatchFailed on a DALI error.
+        """Yield (ids, batch) for ``samples`` in order, batches of ``batch_size`` (the last one
+        smaller: it is fed as it is, nothing is padded); raise _BatchFailed on a DALI error.
 
-        Whole batches come from one pipeline and a last partial batch from a second one of
-        exactly its size: DALI's reader pads a partial batch with copies of its last sample, and
-        every copy would be decoded and preprocessed for nothing.
+        The members' bytes are read here and fed to a pooled pipeline. While DALI decodes batch
+        b, the bytes of b + 1 are read; b + 1 is scheduled before b is yielded, so that DALI
+        decodes it while the caller uses b; never a batch past the last: the pipeline ends idle,
+        ready for the next shard. A pipeline that raised, or holds a batch nobody will read (the
+        caller stopped early), is dropped instead of given back.
         """
-        bs = min(batch_size, len(samples))
-        whole = len(samples) // bs * bs
-        yield from self._run_pipeline(samples[:whole], bs)
-        if whole < len(samples):
-            yield from self._run_pipeline(samples[whole:], len(samples) - whole)
-
-    def _run_pipeline(self, samples, bs: int):
-        """Run one pipeline over ``samples``, a whole number of batches of ``bs``.
-
-        Iterations are scheduled by hand, ``_PREFETCH_DEPTH`` ahead of the one being read and
-        never past the last batch: ``pipe.run()`` would start one iteration more than it returns,
-        decoding a batch that nobody reads (and that the pipeline's teardown waits for).
-        """
-        n_batches = len(samples) // bs
-        exact = bs == 1
-        depth = 1 if exact else max(1, min(_PREFETCH_DEPTH, n_batches))
-        pipe = self._build(samples, bs, exact=exact, depth=depth)
-        scheduled = 0  # iterations started; the first schedule_run() starts `depth` of them
+        batches = [samples[i: i + batch_size] for i in range(0, len(samples), batch_size)]
+        pipe = PIPELINES.checkout(self.key, lambda: self.reader.build_pipeline(self.device_id, self.threads))
+        pending = 0  # batches fed and not read yet
         since_trim = 0
-        for b in range(n_batches):
-            want = samples[b * bs: (b + 1) * bs]
+        try:
+            with open(self.tar_path, "rb") as tar:
+                pending += 1
+                self._feed(pipe, self._encoded(tar, batches[0]))
+                for b, want in enumerate(batches):
+                    following = self._encoded(tar, batches[b + 1]) if b + 1 < len(batches) else None
+                    try:
+                        (images,) = pipe.outputs()
+                    except RuntimeError as err:
+                        pipe, pending = None, 0  # dead: dropped, not given back
+                        raise _BatchFailed(len(want), self._failure_message(want, err)) from None
+                    pending -= 1
+                    # ``images`` stays referenced until the next outputs(): a GPU copy into torch
+                    # is queued on torch's stream, and must not see its source freed
+                    batch = to_torch(images, len(want), self.device, uniform=self.reader.transform is not None)
+                    if following is not None:
+                        pending += 1
+                        self._feed(pipe, following)
+                    yield [k for k, _ in want], batch
+                    since_trim += len(want)
+                    if since_trim >= TRIM_EVERY_IMAGES:
+                        trim_heap()
+                        since_trim = 0
+        finally:
+            if pipe is not None and pending == 0:
+                PIPELINES.give_back(self.key, pipe)
+
+    def _encoded(self, tar, batch) -> list:
+        """The encoded bytes of ``batch``'s members as uint8 arrays; a member that cannot be read
+        (a tar cut short) becomes an empty array, which fails its batch, and is remembered."""
+        import numpy as np
+
+        arrays = []
+        for key, member in batch:
             try:
-                if scheduled < min(b + depth, n_batches):
-                    pipe.schedule_run()
-                    scheduled = depth if scheduled == 0 else scheduled + 1
-                images, encoded = pipe.outputs()
-            except RuntimeError as err:
-                del pipe
-                raise _BatchFailed(len(want), _short_error(err)) from None
-            sources = [encoded[i].source_info() for i in range(len(want))]
-            got = [split_member_name(s.rsplit(":", 1)[-1])[0] for s in sources]
-            expected = [k for k, _ in want]
-            if got != expected:
-                raise RuntimeError(f"DALI returned samples {got[:3]}... where {expected[:3]}... were expected in {self.tar_path}")
-            yield expected, to_torch(images, len(want), self.device, uniform=self.reader.transform is not None)
-            since_trim += len(want)
-            if since_trim >= TRIM_EVERY_IMAGES:
-                trim_heap()
-                since_trim = 0
+                arrays.append(np.frombuffer(read_member_bytes(tar, member), dtype=np.uint8))
+            except (EOFError, OSError) as err:
+                self.unreadable[key] = f"{self.tar_path}: {err}"
+                arrays.append(np.zeros(0, dtype=np.uint8))
+        return arrays
 
-    def _build(self, samples, batch_size: int, exact: bool, depth: int = 2):
-        from nvidia.dali import fn, pipeline_def, types
+    def _feed(self, pipe, arrays: list) -> None:
+        pipe.feed_input(_INPUT_NAME, arrays)
+        pipe.schedule_run()
 
-        self._segment += 1
-        idx_path = os.path.join(self.tmp_dir, f"segment{self._segment}.idx")
-        with open(idx_path, "w") as f:
-            f.write(f"v1.2 {len(samples)}\n")
-            f.writelines(f"{_DALI_EXT} {m.offset_data} {m.size} {m.name}\n" for _, m in samples)
-        reader = self.reader
-        gpu = self.device_id is not None
-        extra = ({"exec_async": False, "exec_pipelined": False, "prefetch_queue_depth": 1} if exact
-                 else {"prefetch_queue_depth": depth})
-
-        @pipeline_def(batch_size=batch_size, num_threads=self.threads, device_id=self.device_id, **extra)
-        def pipeline():
-            # dont_use_mmap: a mapped tar's pages count in the worker's RSS (Dask's memory monitor
-            # reads it) and grow with the shard; reading costs no measurable time here
-            encoded = fn.readers.webdataset(paths=[self.tar_path], index_paths=[idx_path], ext=[_DALI_EXT],
-                                            missing_component_behavior="error", pad_last_batch=True, name="reader",
-                                            dont_use_mmap=True)
-            decoder_options = ({"hw_decoder_load": reader.hw_decoder_load}
-                               if gpu and reader.hw_decoder_load is not None else {})
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                       adjust_orientation=reader.adjust_orientation, **decoder_options)
-            if reader.transform is not None:
-                images = dali_preprocess(images, reader.transform)
-            return images, encoded
-
-        pipe = pipeline()
-        pipe.build()
-        return pipe
+    def _failure_message(self, batch, err: Exception) -> str:
+        unreadable = [self.unreadable[k] for k, _ in batch if k in self.unreadable]
+        return unreadable[0] if len(batch) == 1 and unreadable else _short_error(err)
 
 
 class _BatchFailed(Exception):

@@ -16,6 +16,9 @@ DEFAULT_THREADS_OUTSIDE_CLUSTER = 4  # DALI threads of a reader that runs outsid
 # A local cluster's dashboard shows task names, file paths and logs: only this machine may reach it
 # unless the caller opens it (dashboard_address="0.0.0.0:8787"); reach it through an SSH tunnel.
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
+# threads of a GPU worker: one computes a shard on the GPU while the other prepares the next
+# (parquet read, tar scan); they take turns on the GPU (utils.device.device_turn)
+GPU_WORKER_THREADS = 2
 MAIN_GUARD_HINT = (
     "Dask starts its worker processes with 'spawn', which imports your script again in each of them: in a "
     "script, put the code that calls get_client() (and everything after it) under "
@@ -46,7 +49,9 @@ def get_client(
       dask-mpi, dask-jobqueue). At most one of the two.
     - otherwise ``cluster_type="cpu"``: a ``distributed.LocalCluster`` of ``n_workers`` processes
       with ``threads_per_worker`` threads each; ``"gpu"``: a ``dask_cuda.LocalCUDACluster``, one
-      worker per visible GPU, with the RMM pool, spilling and protocol options passed through;
+      worker per visible GPU with ``GPU_WORKER_THREADS`` threads (one shard computes while the
+      next is prepared; a ``threads_per_worker`` other than 1 replaces it), with the RMM pool,
+      spilling and protocol options passed through;
       ``"auto"``: "gpu" when this machine has a GPU and dask-cuda is installed, else "cpu" (a GPU
       without dask-cuda is logged as a warning).
       ``set_torch_to_use_rmm=True`` makes torch allocate through RMM on every GPU worker.
@@ -89,7 +94,7 @@ def get_client(
         client = Client(cluster)
     else:
         client = _local_cuda_client(
-            n_workers, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
+            n_workers, threads_per_worker, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
             rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs,
         )
     if set_torch_to_use_rmm:
@@ -163,7 +168,7 @@ def _require_workers(client, timeout_s: float) -> None:
         ) from err
 
 
-def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
+def _local_cuda_client(n_workers, threads_per_worker, nvlink_only, protocol, rmm_pool_size, enable_spilling, rmm_async,
                        rmm_maximum_pool_size, rmm_managed_memory, rmm_release_threshold, **cluster_kwargs):
     if cuda_device_count() == 0:
         raise RuntimeError("cluster_type='gpu' needs a CUDA GPU, and none is visible (check CUDA_VISIBLE_DEVICES "
@@ -190,6 +195,7 @@ def _local_cuda_client(n_workers, nvlink_only, protocol, rmm_pool_size, enable_s
     if n_workers is not None and n_workers != os.cpu_count():
         extra["n_workers"] = n_workers  # default: one worker per visible GPU
     cluster_kwargs.setdefault("resources", {"GPU": 1})  # one GPU per worker: stages ask for fractions of it
+    cluster_kwargs.setdefault("threads_per_worker", GPU_WORKER_THREADS if threads_per_worker == 1 else threads_per_worker)
     cluster = _start_local_cluster(dask_cuda.LocalCUDACluster, protocol=protocol, enable_cudf_spill=enable_spilling,
                                    **extra, **cluster_kwargs)
     return Client(cluster)
@@ -274,9 +280,21 @@ def evict_from_worker_cache(predicate: Callable[[Hashable], bool]) -> int:
 
 
 def clear_worker_cache() -> None:
-    """Drop every cached object in this process (e.g. to free GPU memory between runs)."""
+    """Drop every cached object in this process (e.g. to free GPU memory between runs), and what
+    the hooks of ``on_clear_worker_cache`` hold (the shard reader's built DALI pipelines)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    for hook in list(_CLEAR_HOOKS):
+        hook()
+
+
+_CLEAR_HOOKS: list[Callable[[], None]] = []
+
+
+def on_clear_worker_cache(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` on every ``clear_worker_cache`` (a module that keeps its own per-process cache)."""
+    if hook not in _CLEAR_HOOKS:
+        _CLEAR_HOOKS.append(hook)
 
 
 def cached_keys() -> list[Hashable]:

@@ -43,6 +43,13 @@ class EmbedStats:
     embed_seconds: float | None = None
     images_per_second: float | None = None
     first_error: str | None = None  # the first decode error, at most 500 characters
+    # the task on its worker (``*_at``: epoch seconds, left out of the run's totals): when it started,
+    # and its turns on the device (utils.device.device_turn): seconds waited for them (another
+    # thread's shard computing), when the first began and the last ended (None: nothing decoded)
+    started_at: float | None = None
+    device_wait_seconds: float | None = None
+    device_turn_at: float | None = None
+    device_released_at: float | None = None
 
     @classmethod
     def from_dict(cls, stats: Mapping[str, Any] | None) -> "EmbedStats | None":
@@ -115,14 +122,15 @@ def status_counts(frame) -> dict[str, int]:
 
 def summarize_stats(shard_stats: Sequence[dict], seconds: float, skipped: int = 0, **extra) -> dict:
     """The run summary: numeric per-shard counters summed under ``totals`` (rates ``*_per_second``,
-    strings and resume records left out), ``shards_written`` (computed now), ``shards_skipped``
+    epoch times ``*_at``, strings and resume records left out), ``shards_written`` (computed now), ``shards_skipped``
     (already complete, their stored stats included) and each shard's stats under ``shards``.
     ``extra`` keys are added as they are; ``seconds`` is this run's wall time.
     """
     totals: dict[str, float] = {}
     for stats in shard_stats:
         for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_per_second"):
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and not key.endswith(("_per_second", "_at"))):
                 totals[key] = totals.get(key, 0) + value
     for key in [k for k in totals if k.endswith("seconds")]:
         totals[key] = round(totals[key], 4)

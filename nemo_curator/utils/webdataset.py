@@ -79,7 +79,7 @@ def find_shards(path: str | os.PathLike, require_parquet: bool = True) -> list[S
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist (or is not a folder): pass the folder "
                                 f"that holds the NNNNN.tar + NNNNN.parquet shards")
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))  # names, not Path objects: 100,000s of files
     tars = {n[: -len(TAR_SUFFIX)] for n in names if n.endswith(TAR_SUFFIX)}
     parquets = {n[: -len(PARQUET_SUFFIX)] for n in names if n.endswith(PARQUET_SUFFIX)}
     if not tars and (require_parquet and not parquets):
@@ -255,7 +255,8 @@ def read_member_bytes(f, member: TarMember) -> bytes:
     f.seek(member.offset_data)
     data = f.read(member.size)
     if len(data) != member.size:
-        raise EOFError(f"tar member {member.name} is truncated ({len(data)} of {member.size} bytes)")
+        raise EOFError(f"tar member {member.name} of {getattr(f, 'name', 'the tar')} is truncated ({len(data)} of "
+                       f"{member.size} bytes): the tar was cut short (an interrupted copy or download?)")
     return data
 
 

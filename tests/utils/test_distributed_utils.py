@@ -70,9 +70,13 @@ def test_gpu_cluster_without_gpu_says_so():
 def test_gpu_cluster_one_worker_per_gpu():
     import torch
 
+    from nemo_curator.utils.distributed_utils import GPU_WORKER_THREADS
+
     client = get_client(cluster_type="gpu", rmm_pool_size=None)
     try:
-        assert len(client.scheduler_info()["workers"]) == torch.cuda.device_count()
+        workers = client.scheduler_info()["workers"].values()
+        assert len(workers) == torch.cuda.device_count()
+        assert {w["nthreads"] for w in workers} == {GPU_WORKER_THREADS}  # one computes, one prepares
     finally:
         cluster = client.cluster
         client.close()

@@ -7,6 +7,7 @@ embeddings and scores to the shard's metadata rows BY ID.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from nemo_curator.image.shard_reader import ShardItems
 from nemo_curator.utils.arrow import pandas_like
 from nemo_curator.utils.constants import (DECODE_FAILED, EMBEDDING_COLUMN, EXTRA_IN_TAR, MISSING_IMAGE, OK,
                                           STATUS_COLUMN)
-from nemo_curator.utils.device import worker_device
+from nemo_curator.utils.device import device_turn, worker_device
 from nemo_curator.utils.distributed_utils import cached_keys, evict_from_worker_cache, load_object_on_worker
 from nemo_curator.utils.frames import to_pandas
 from nemo_curator.utils.resume import LineageStep, unidentified_weights
@@ -116,6 +117,15 @@ class ImageEmbedder(ABC):
         """The device this worker computes on: its GPU when it has one, else the CPU."""
         return worker_device("auto")
 
+    device_turns_on_cpu = False  # see takes_device_turns
+
+    def takes_device_turns(self, device: str) -> bool:
+        """Whether a shard decodes and runs the model in its thread's turn on ``device``
+        (``utils.device.device_turn``): on a GPU, so that a worker's two threads never put two
+        shards' batches on it at once; on the CPU only where ``device_turns_on_cpu`` (the threads
+        of a CPU worker otherwise compute side by side, as they always did)."""
+        return device.startswith("cuda") or self.device_turns_on_cpu
+
     # -- the job ----------------------------------------------------------------------------------
     def __call__(self, dataset):
         """Return a new dataset whose metadata gains the embedding, ``image_status`` and score
@@ -174,30 +184,43 @@ class ImageEmbedder(ABC):
         failed: dict[str, str] = {}
         extra = 0
         first_error = None
-        for item in self.iter_shard(tar_path, wanted, id_col, device):
-            if item.batch is None:
-                if item.status == EXTRA_IN_TAR:
-                    extra += len(item.ids)
-                else:
-                    failed.update({i: item.status for i in item.ids})
-                    first_error = first_error or item.error
-                continue
-            with torch.inference_mode():
-                emb = self.normalize(model(item.batch)).float()
-                if emb.ndim != 2 or emb.shape[0] != len(item.ids):
-                    raise RuntimeError(f"{type(self).__name__}: the model returned shape {tuple(emb.shape)} for a batch "
-                                       f"of {len(item.ids)} images; expected (N, D)")
-                batch_scores = [clf.score_tensor(head, emb).float().cpu().numpy().reshape(-1)
-                                for clf, head in zip(self.classifiers, heads)]
-            extra += results.add(item.ids, emb.cpu().numpy(), batch_scores)
+        # our reader scans the tar in this call; the decoding and the model then run in this
+        # thread's turn on a GPU (utils.device.device_turn), while another thread prepares its shard
+        items = iter(self.iter_shard(tar_path, wanted, id_col, device))
+        turn = device_turn(device) if self.takes_device_turns(device) else None
+        with turn.hold() if turn is not None else contextlib.nullcontext():
+            try:
+                for item in items:
+                    if item.batch is None:
+                        if item.status == EXTRA_IN_TAR:
+                            extra += len(item.ids)
+                        else:
+                            failed.update({i: item.status for i in item.ids})
+                            first_error = first_error or item.error
+                        continue
+                    with torch.inference_mode():
+                        emb = self.normalize(model(item.batch)).float()
+                        if emb.ndim != 2 or emb.shape[0] != len(item.ids):
+                            raise RuntimeError(f"{type(self).__name__}: the model returned shape {tuple(emb.shape)} "
+                                               f"for a batch of {len(item.ids)} images; expected (N, D)")
+                        batch_scores = [clf.score_tensor(head, emb).float().cpu().numpy().reshape(-1)
+                                        for clf, head in zip(self.classifiers, heads)]
+                    extra += results.add(item.ids, emb.cpu().numpy(), batch_scores)
+            finally:  # a reader stopped by an error gives its pipeline back (or drops it) now
+                if callable(getattr(items, "close", None)):
+                    items.close()
 
         out, counts = self._output_frame(pdf, id_col, results.finish(), failed)
         seconds = time.time() - started
+        turns = turn.log() if turn is not None else {}
         stats = EmbedStats(tar=tar_path, samples_in=len(pdf), embedded=counts["embedded"],
                            decode_failed=counts[DECODE_FAILED], missing_image=counts[MISSING_IMAGE],
                            extra_in_tar=extra, embed_seconds=round(seconds, 3),
                            images_per_second=round(counts["embedded"] / seconds, 2) if seconds > 0 else None,
-                           first_error=first_error[:500] if first_error else None)
+                           first_error=first_error[:500] if first_error else None,
+                           started_at=round(started, 4), device_wait_seconds=_rounded(turns.get("waited_seconds")),
+                           device_turn_at=_rounded(turns.get("turn_at")),
+                           device_released_at=_rounded(turns.get("released_at")))
         level = logging.WARNING if stats.decode_failed or stats.missing_image or stats.extra_in_tar else logging.INFO
         logger.log(level, "embedded %s: %s", os.path.basename(tar_path),
                    {k: v for k, v in stats.to_dict().items() if k != "first_error"})
@@ -278,6 +301,10 @@ class RowResults:
             for column in self.scores:
                 column[repeats] = column[source[repeats]]
         return self
+
+
+def _rounded(epoch: float | None) -> float | None:
+    return None if epoch is None else round(epoch, 4)
 
 
 def _first_dups(ids: list[str]) -> list[str]:
