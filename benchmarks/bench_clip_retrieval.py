@@ -49,10 +49,11 @@ RUNNER = ROOT / "benchmarks" / "clip_retrieval" / "runner.py"
 WORK_DIR = DATA_DIR / "clip_retrieval"
 CHECKPOINT = WORK_DIR / "tiny_clip_seed0.safetensors"
 OURS_BATCH = 32
-# clip-retrieval's settings on 2 cores, from --sweep (docs/benchmarks.md): batch 32 (its default 256
-# was not faster on this CPU and holds 8x the memory per batch), 2 DataLoader workers (one per core;
-# its default is 4), torch 1 thread in its main process (2 threads oversubscribe the cores that
-# the DataLoader workers use: 1.5-2x slower, 1.3-1.6x the CPU per image)
+# clip-retrieval's settings on 2 cores (a first sweep, one run each, on a loaded machine; rerun
+# --sweep to check): batch 32 (133 images/s; 256: 55-89, with 8x the memory per batch),
+# 2 DataLoader workers (one per core; 1 worker: 43; its default is 4), torch 1 thread in its main
+# process (2 threads oversubscribe the cores the DataLoader workers use: 64 images/s, and 20.2
+# against 12.9 CPU ms/image in a second pair of runs)
 PEER_SETTINGS = {"batch_size": 32, "num_prepro_workers": 2, "torch_threads": 1}
 SWEEP = [  # (batch_size, num_prepro_workers, torch_threads); (256, 4, cores) are clip_inference's defaults
     (32, 2, 1), (32, 2, 2), (256, 2, 1), (256, 2, 2), (32, 1, 1), (32, 3, 1), (256, 4, 2),

@@ -3,7 +3,7 @@
 Runs inside clip-retrieval's own virtualenv (``benchmarks/clip_retrieval/setup.sh``), never in the
 project's: it imports nothing from ``nemo_curator``.
 
-    <venv>/bin/python benchmarks/clip_retrieval/runner.py run --config '{...}' --tars a.tar b.tar --out DIR
+    <venv>/bin/python benchmarks/clip_retrieval/runner.py run --config '{...}' --tars a.tar b.tar --out DIR  # JSON on stdout
     <venv>/bin/python benchmarks/clip_retrieval/runner.py serve    # JSON requests on stdin, one per line
 
 How the model gets in: clip-retrieval loads its model with ``all_clip.load_clip`` (in
@@ -170,12 +170,20 @@ def versions() -> dict:
     return out
 
 
+def _protocol_stdout():
+    """The original stdout, for this module's replies; fd 1 then goes to stderr, so that what
+    clip_inference and its child processes print (progress lines with carriage returns) stays out."""
+    sys.stdout.flush()
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return proto
+
+
 def serve() -> None:
     """Requests on stdin, one JSON object a line: {"cmd": "config", ...} once, then {"cmd": "run",
     "tars": [...], "out": DIR} or {"cmd": "versions"} or {"cmd": "exit"}; one JSON reply a line on
     the original stdout. Everything clip_inference prints goes to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # prints of clip_inference (and of its child processes) -> stderr
+    proto = _protocol_stdout()
     config = None
     for line in sys.stdin:
         if not line.strip():
@@ -220,8 +228,11 @@ def main(argv=None) -> None:
         serve()
         return
     config = json.loads(args.config)
+    proto = _protocol_stdout()
     register(config["model_kwargs"], config["checkpoint"])
-    print(json.dumps(run_once(config, args.tars, args.out)))
+    result = run_once(config, args.tars, args.out)
+    sys.stdout.flush()
+    proto.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":  # clip_inference's logger processes are spawned: they import this module
