@@ -38,6 +38,7 @@ import pandas as pd
 from nemo_curator.utils.arrow import partition_to_arrow
 from nemo_curator.utils.file_utils import atomic_write, write_json_atomic, write_parquet_atomic
 from nemo_curator.utils.frames import to_pandas
+from nemo_curator.utils.graphs import share_one_layer
 from nemo_curator.utils.progress import compute_with_progress
 from nemo_curator.utils.resume import file_identity, fingerprint, identities, lineage_keys, read_json
 from nemo_curator.utils.shard_job import ShardWork, commit_shard, run_shard_job, write_summary
@@ -271,6 +272,9 @@ def _output_works(dataset, out_dir: str, plan: list[list[Piece]], job: str, filt
             tar = dataset.shards[i].tar
             piece = dask.delayed(_read_piece, pure=True)(parts[i], tar, filter_column, dataset.id_col, start, stop)
             args.append((tar, start, stop, piece))
+        # the pieces in one graph layer: dask.delayed culls the graph of its arguments layer by layer (O(pieces²))
+        shared = share_one_layer([piece for *_, piece in args], "read-pieces")
+        args = [(tar, start, stop, piece) for (tar, start, stop, _), piece in zip(args, shared)]
         return dask.delayed(_write_output_shard, pure=False)(args, o, shard, dataset.id_col, old_id_col, max_shards,
                                                              samples_per_shard, job, inputs)
 

@@ -308,3 +308,26 @@ def test_map_shards_builds_one_graph_layer_for_all_shards(tmp_path, monkeypatch,
     summary = twice.save_metadata(path=str(out), show_progress=False)
     assert summary["shards_written"] == 12 and summary["totals"]["rows_seen"] == 12
     assert len(parts) == 12 and twice.metadata.compute()["n"].tolist() == [1] * 12
+
+
+def test_schemas_of_many_shards_are_read_in_chunks_and_united(tmp_path, monkeypatch, client):
+    """The footers are read a chunk of files per thread task (a future per file cost the client
+    more than the reads at 100,000 shards); the union is the same: a column typed in a later
+    chunk replaces its all-null type, a column of one shard only is there, the first shard
+    without the id column is named."""
+    import nemo_curator.datasets.image_text_pair_dataset as module
+
+    monkeypatch.setattr(module, "SCHEMA_CHUNK", 2)
+    for s in range(5):
+        frame = pd.DataFrame({"key": [f"{s}0"], "score": [None if s < 3 else 0.5]})
+        if s == 4:
+            frame["extra"] = ["x"]
+        write_shard(tmp_path, f"{s:05d}", [], extra_rows=frame.to_dict("records"))
+    ds = ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")
+    assert list(ds.metadata.columns) == ["key", "score", "extra"]
+    assert str(ds.metadata.dtypes["score"]) == "float64"
+    frame = ds.metadata.compute()
+    assert frame["extra"].tolist()[-1] == "x" and frame["score"].tolist()[-1] == 0.5
+    pq.write_table(pa.table({"other": ["a"]}), tmp_path / "00003.parquet")
+    with pytest.raises(KeyError, match="00003.parquet"):
+        ImageTextPairDataset.from_webdataset(str(tmp_path), id_col="key")

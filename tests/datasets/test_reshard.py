@@ -225,3 +225,23 @@ def test_the_folder_the_metadata_is_read_from_is_never_an_output(tmp_path, clien
     with pytest.raises(ValueError, match="metadata they are read from"):
         ds.to_webdataset(str(tmp_path / "meta"), "keep", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "meta").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+
+
+def test_an_output_shard_of_many_pieces_costs_the_client_linear_time(tmp_path, monkeypatch, client):
+    """``dask.delayed`` culls the graph of its arguments layer by layer against every key: an
+    output shard made of 10,000 one-layer pieces cost the client O(pieces²) (13 s of planning at
+    10,000 one-sample shards, 6 s without). The keys Dask's cull walks stay linear in the pieces."""
+    import dask._task_spec
+
+    from nemo_curator.utils.sample_data import make_sample_dataset
+
+    walked, cull = [], dask._task_spec.cull
+    monkeypatch.setattr(dask._task_spec, "cull", lambda dsk, keys: walked.append(len(keys)) or cull(dsk, keys))
+    for n in (8, 32):
+        make_sample_dataset(tmp_path / f"in{n}", n_shards=n, samples_per_shard=1, sizes=[(8, 8)])
+        ds = ImageTextPairDataset.from_webdataset(str(tmp_path / f"in{n}"), id_col="key")
+        ds.metadata["keep"] = ds.metadata["key"].str.len() > 0
+        walked.clear()
+        summary = ds.to_webdataset(str(tmp_path / f"out{n}"), "keep", samples_per_shard=100, show_progress=False)
+        assert summary["rows_kept"] == n and summary["shards_total"] == 1
+        assert sum(walked) <= 4 * n, (n, sum(walked))  # was n² + 2n
