@@ -269,9 +269,11 @@ def instrument(rec: Recorder, client, crossed: list) -> None:
     import nemo_curator.utils.shard_job as shard_job
 
     original = progress.compute_with_progress
+    first_chunk = [False]  # the graph goes in chunks (progress.submission_chunks): the first one's submission is marked
 
     def compute_with_progress(tasks, desc, *args, **kwargs):
         rec.mark(f"{desc}: plan")
+        first_chunk[0] = True
         results = original(tasks, desc, *args, **kwargs)
         rec.mark(f"{desc}: wait for the workers")
         crossed.append({"desc": desc, **_result_bytes(results)})
@@ -292,7 +294,9 @@ def instrument(rec: Recorder, client, crossed: list) -> None:
 
         def submit(*args, _method=method, **kwargs):
             out = _method(*args, **kwargs)
-            rec.mark("  submit (client.%s)" % _method.__name__)
+            if first_chunk[0]:
+                rec.mark("  first chunk submitted (client.%s)" % _method.__name__)
+                first_chunk[0] = False
             return out
 
         setattr(client, name, submit)

@@ -2,11 +2,15 @@
 shard's chain fused into one task (``fuse_shard_chains``)."""
 from __future__ import annotations
 
+import time
+
 import dask
 import pytest
 from dask._task_spec import Task
+from distributed import Event
 
-from nemo_curator.utils.progress import compute_with_progress, fuse_shard_chains
+from nemo_curator.utils import progress
+from nemo_curator.utils.progress import compute_with_progress, fuse_shard_chains, submission_chunks
 
 
 def read(i):
@@ -113,3 +117,97 @@ def test_a_global_value_shared_by_every_shard_stays_one_task_and_each_shard_is_o
     assert len(graph) == 50 + 1 + 50  # the reads, the mean, one fused task per shard
     expected = dask.compute(*outputs, scheduler="sync")
     assert expected[3] == total(double(read(3)), offset=sum(map(sum, (read(i) for i in range(50)))) / 50)
+
+
+# -- the graph sent in chunks, the results gathered in batches -----------------------------------
+def count_call(path, value):
+    """``value``, after appending a line to ``path`` (how often a task ran, across processes)."""
+    with open(path, "a") as f:
+        f.write("ran\n")
+    return value
+
+
+def test_chunks_take_the_outputs_in_order_and_each_task_once():
+    reads = [dask.delayed(read, pure=True)(i) for i in range(5)]
+    mean = dask.delayed(lambda *xs: sum(map(sum, xs)), pure=True)(*reads)
+    with dask.annotate(resources={"GPU": 1}):
+        outputs = [dask.delayed(total, pure=True)(dask.delayed(double, pure=True)(r), offset=mean) for r in reads]
+    graph = fuse_shard_chains(outputs)
+    chunks = submission_chunks(graph, [o.key for o in outputs], first=1, size=2)
+    assert [c.outputs for c in chunks] == [[outputs[0].key], [outputs[1].key, outputs[2].key],
+                                           [outputs[3].key, outputs[4].key]]
+    per_chunk = [set(dict(c.graph)) for c in chunks]
+    assert set().union(*per_chunk) == set(dict(graph)) and sum(map(len, per_chunk)) == len(dict(graph))
+    # the mean needs every read: all in the first chunk, and held for the later chunks that need them
+    assert {mean.key, *(r.key for r in reads)} <= per_chunk[0]
+    assert set(chunks[0].held) == {mean.key, *(r.key for r in reads[1:])}
+    assert chunks[1].held == chunks[2].held == [] and chunks[0].releases == []
+    assert set(chunks[1].releases) == {reads[1].key, reads[2].key}  # then no later chunk needs them
+    assert set(chunks[2].releases) == {mean.key, reads[3].key, reads[4].key}
+    for chunk in chunks:
+        for key in chunk.outputs:
+            layer = next(layer for layer in chunk.graph.layers.values() if key in layer)
+            assert layer.annotations == {"resources": {"GPU": 1}}
+
+
+def test_an_output_a_later_chunk_needs_is_held_for_it():
+    first = dask.delayed(read, pure=True)(3)
+    second = dask.delayed(total, pure=True)(first)
+    chunks = submission_chunks(fuse_shard_chains([first, second]), [first.key, second.key], first=1, size=1)
+    assert [c.outputs for c in chunks] == [[first.key], [second.key]]
+    assert chunks[0].held == [first.key] and first.key not in dict(chunks[1].graph)
+    assert chunks[1].releases == [first.key]
+
+
+def test_chunked_submission_computes_every_output_in_order_and_shared_tasks_once(client, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "SUBMIT_FIRST", 1)
+    monkeypatch.setattr(progress, "SUBMIT_CHUNK", 2)
+    monkeypatch.setattr(progress, "GATHER_SECONDS", 0.0)
+    runs = tmp_path / "runs"
+    shared = dask.delayed(count_call, pure=True)(str(runs), 100)
+    outputs = [dask.delayed(total, pure=True)(dask.delayed(read, pure=True)(i), offset=shared) for i in range(9)]
+    outputs.append(outputs[4])  # a task asked for twice
+    first, then = dask.delayed(read, pure=True)(2), None
+    then = dask.delayed(total, pure=True)(first)  # an output that needs an earlier chunk's output
+    outputs += [first, then]
+    with client.as_current():
+        results = compute_with_progress(outputs, desc="test", show=False)
+    assert results == [total(read(i), offset=100) for i in range(9)] + [total(read(4), offset=100), read(2), total(read(2))]
+    assert runs.read_text() == "ran\n"
+    ours = {str(o.key) for o in outputs} | {str(shared.key)}
+    deadline = time.monotonic() + 10
+    while client.run_on_scheduler(lambda dask_scheduler: sorted(str(k) for k in dask_scheduler.tasks if str(k) in ours)) \
+            and time.monotonic() < deadline:  # the releases are asynchronous
+        time.sleep(0.1)
+    assert not client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k) in ours])
+
+
+def test_results_are_gathered_in_batches_and_an_error_is_raised_at_once(client, monkeypatch):
+    monkeypatch.setattr(progress, "GATHER_SECONDS", 3600.0)
+    calls = []
+    gather = client.gather
+    monkeypatch.setattr(client, "gather", lambda futures, *a, **k: calls.append(len(futures)) or gather(futures, *a, **k))
+    outputs = [dask.delayed(read, pure=True)(i) for i in range(12)]
+    with client.as_current():
+        assert compute_with_progress(outputs, desc="test", show=False) == [read(i) for i in range(12)]
+    assert calls == [12]  # the last result arrived: one gather, not one per result
+
+    released = Event("test-progress-release", client=client)
+    started = time.monotonic()
+    slow = dask.delayed(wait_for, pure=False)("test-progress-release")
+    try:
+        with client.as_current(), pytest.raises(ValueError, match="shard 3 is broken"):
+            compute_with_progress([slow, dask.delayed(fail, pure=False)()], desc="test", show=False)
+        assert time.monotonic() - started < 45  # while the slow task still ran, not after GATHER_SECONDS
+    finally:
+        released.set()
+
+
+def wait_for(name):
+    from distributed import Event
+
+    return Event(name).wait(60)
+
+
+def fail():
+    raise ValueError("shard 3 is broken")
