@@ -274,7 +274,10 @@ def instrument(rec: Recorder, client, crossed: list) -> None:
     def compute_with_progress(tasks, desc, *args, **kwargs):
         rec.mark(f"{desc}: plan")
         first_chunk[0] = True
-        results = original(tasks, desc, *args, **kwargs)
+        try:
+            results = original(tasks, desc, *args, **kwargs)
+        finally:
+            first_chunk[0] = False
         rec.mark(f"{desc}: wait for the workers")
         crossed.append({"desc": desc, **_result_bytes(results)})
         return results

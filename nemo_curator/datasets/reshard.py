@@ -265,16 +265,22 @@ def _output_works(dataset, out_dir: str, plan: list[list[Piece]], job: str, filt
     output shards is read by each of them (a second parquet read and header scan, at most one
     per output shard, where sharing it would cost every piece a task of its own)."""
     parts = dataset.metadata.to_delayed()
+    built: dict = {}  # (input, start, stop) -> its piece, over one graph layer shared by every output shard
+
+    def all_pieces() -> dict:
+        # one share_one_layer call for all the pieces: dask.delayed culls the graph of its arguments
+        # layer by layer (O(pieces²) with a layer per piece), and a call per output shard would
+        # copy the whole upstream graph into each output shard's layer (O(outputs x inputs))
+        if not built:
+            keys = [(i, start, stop) for pieces in plan for i, start, stop in pieces]
+            pieces = [dask.delayed(_read_piece, pure=True)(parts[i], dataset.shards[i].tar, filter_column,
+                                                           dataset.id_col, start, stop) for i, start, stop in keys]
+            built.update(zip(keys, share_one_layer(pieces, "read-pieces")))
+        return built
 
     def make_task(o: int, pieces: list[Piece], shard: Shard, inputs: dict):
-        args = []
-        for i, start, stop in pieces:
-            tar = dataset.shards[i].tar
-            piece = dask.delayed(_read_piece, pure=True)(parts[i], tar, filter_column, dataset.id_col, start, stop)
-            args.append((tar, start, stop, piece))
-        # the pieces in one graph layer: dask.delayed culls the graph of its arguments layer by layer (O(pieces²))
-        shared = share_one_layer([piece for *_, piece in args], "read-pieces")
-        args = [(tar, start, stop, piece) for (tar, start, stop, _), piece in zip(args, shared)]
+        shared = all_pieces()
+        args = [(dataset.shards[i].tar, start, stop, shared[(i, start, stop)]) for i, start, stop in pieces]
         return dask.delayed(_write_output_shard, pure=False)(args, o, shard, dataset.id_col, old_id_col, max_shards,
                                                              samples_per_shard, job, inputs)
 

@@ -1,6 +1,7 @@
 """Compute Dask collections with a progress bar a person can see (terminal and Jupyter)."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, NamedTuple, Sequence
@@ -29,9 +30,10 @@ def compute_with_progress(tasks: Sequence[Delayed], desc: str, unit: str = "shar
     """Compute ``tasks`` (Delayed objects) and return their results in order.
 
     With a ``distributed`` client the tasks run on the cluster, each with the tasks that it alone
-    needs fused into it (``fuse_shard_chains``), and a tqdm bar advances as each finishes;
-    without one they run on the local threaded scheduler. An error in any task is raised
-    here (after the others were cancelled).
+    needs fused into it (``fuse_shard_chains``), small self-contained ones several to a Dask task
+    (``group_outputs``), the graph sent in chunks as the cluster needs work
+    (``submission_chunks``), and a tqdm bar advances as they finish; without one they run on the
+    local threaded scheduler. An error in any task is raised here (after the others were cancelled).
     """
     tasks = list(tasks)
     if any(not isinstance(t, Delayed) for t in tasks):
@@ -59,48 +61,60 @@ GATHER_SECONDS = 0.5
 # what is submitted, not the whole job; no "large graph" warning)
 SUBMIT_FIRST = 64
 SUBMIT_CHUNK = 1000
+# small outputs (shards) run up to SHARDS_PER_TASK to a task, as long as the cluster still gets
+# TASKS_PER_THREAD tasks per thread: a task costs Dask ~7 ms of worker, scheduler and client
+# time, a 2-image shard's own work ~7 ms (benchmark 6)
+SHARDS_PER_TASK = 16
+TASKS_PER_THREAD = 8
 
 
 def _compute_on_cluster(client, tasks: list[Delayed], desc: str, unit: str, show: bool) -> list[Any]:
     from distributed import as_completed
 
     keys = [task.key for task in tasks]
-    chunks = iter(submission_chunks(fuse_shard_chains(tasks), list(dict.fromkeys(keys)), SUBMIT_FIRST, SUBMIT_CHUNK))
-    low_water = max(SUBMIT_CHUNK, 4 * sum(client.nthreads().values()))
-    places: dict = {}  # output key -> its places in ``keys`` (a task passed twice is computed once)
+    distinct = list(dict.fromkeys(keys))  # a task passed twice is computed once
+    threads = sum(client.nthreads().values())
+    per_task = max(1, min(SHARDS_PER_TASK, len(distinct) // (TASKS_PER_THREAD * max(threads, 1))))
+    graph, units = group_outputs(fuse_shard_chains(tasks), distinct, per_task)
+    chunks = collections.deque(submission_chunks(graph, list(units), SUBMIT_FIRST, SUBMIT_CHUNK))
+    low_water = max(SUBMIT_CHUNK, 4 * threads)
+    places: dict = {}  # output key -> its places in ``keys``
     for i, key in enumerate(keys):
         places.setdefault(key, []).append(i)
     results: list[Any] = [None] * len(keys)
-    running: dict = {}  # output key -> its future, until its result is here
+    running: dict = {}  # task key -> its future, until its result is here
     held: dict = {}  # key -> the future of a task that chunks not yet submitted need (it stays in memory)
     finished: list = []  # finished output futures not gathered yet
     completed = as_completed()
 
     def submit_while_short():
-        while len(running) - len(finished) < low_water:
-            chunk = next(chunks, None)
-            if chunk is None:
-                return
-            futures = client.get(chunk.graph, chunk.outputs + chunk.held, sync=False)  # a HighLevelGraph: keeps annotations
-            running.update(zip(chunk.outputs, futures))
-            held.update(zip(chunk.held, futures[len(chunk.outputs):]))
+        while chunks and len(running) - len(finished) < low_water:
+            chunk = chunks.popleft()  # its graph is let go once sent
+            futures = []
+            try:
+                futures = client.get(chunk.graph, chunk.outputs + chunk.held, sync=False)  # a HighLevelGraph: keeps annotations
+            finally:  # (an interrupt just after the submission: the futures are cancelled with the others)
+                running.update(zip(chunk.outputs, futures))
+                held.update(zip(chunk.held, futures[len(chunk.outputs):]))
             completed.update(futures[:len(chunk.outputs)])
             for key in chunk.releases:  # the scheduler keeps it for the submitted tasks that need it
                 del held[key]
 
     try:
-        with tqdm(total=len(places), desc=desc, unit=unit, disable=not show) as bar:
+        with tqdm(total=len(distinct), desc=desc, unit=unit, disable=not show) as bar:
             submit_while_short()
             gathered_at = time.monotonic()
             for batch in completed.batches():
                 finished += batch
-                bar.update(len(batch))
+                bar.update(sum(len(units[future.key]) for future in batch))
                 submit_while_short()
                 if (time.monotonic() - gathered_at >= GATHER_SECONDS or len(finished) == len(running)
-                        or any(future.status == "error" for future in batch)):
+                        or any(future.status in ("error", "cancelled") for future in batch)):
                     for future, result in zip(finished, client.gather(finished)):
-                        for i in places[future.key]:
-                            results[i] = result
+                        members = units[future.key]
+                        for key, value in zip(members, result if len(members) > 1 else [result]):
+                            for i in places[key]:
+                                results[i] = value
                         del running[future.key]  # the scheduler forgets it (unless held)
                     finished, gathered_at = [], time.monotonic()
     except BaseException:
@@ -109,10 +123,76 @@ def _compute_on_cluster(client, tasks: list[Delayed], desc: str, unit: str, show
     return results
 
 
+def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[HighLevelGraph, dict]:
+    """``graph`` with consecutive ``outputs`` run ``size`` to a task, and ``{task key: [the output
+    keys it returns, in order]}`` (a group task returns their results as a tuple).
+
+    Only a self-contained output is grouped: a task that nothing else needs, whose dependencies
+    other outputs need too (computed once, before). A group runs its members one after the other
+    and keeps only their results (a shard's partition is let go when its write returns); its
+    resources are the most any member asked for, its other annotations the first member's.
+    """
+    if size <= 1:
+        return graph, {key: [key] for key in outputs}
+    nodes = {key: node for layer in graph.layers.values() for key, node in layer.items()}
+    annotations = {key: layer.annotations for layer in graph.layers.values() for key in layer}
+    dependents: dict = {}
+    for node in nodes.values():
+        for dep in node.dependencies:
+            dependents[dep] = dependents.get(dep, 0) + 1
+
+    def self_contained(key) -> bool:
+        node = nodes.get(key)
+        return (isinstance(node, Task) and not dependents.get(key)
+                and all(dependents.get(dep, 0) > 1 for dep in node.dependencies))
+
+    units: dict = {}
+    members: list = []
+
+    def close():
+        if len(members) > 1:
+            units[f"shard-group-{dask.base.tokenize(*members)}"] = list(members)
+        elif members:
+            units[members[0]] = list(members)
+        members.clear()
+
+    for key in outputs:
+        if self_contained(key):
+            members.append(key)
+            if len(members) == size:
+                close()
+        else:
+            close()
+            units[key] = [key]
+    close()
+    grouped = {key: node for key, node in nodes.items() if key not in units or units[key] == [key]}
+    for unit, keys in units.items():
+        if len(keys) > 1:
+            for key in keys:
+                del grouped[key]
+            grouped[unit] = Task(unit, _results, *(nodes[key] for key in keys))
+            asked = [annotations[key] or {} for key in keys]
+            merged = dict(asked[0])
+            resources = [a["resources"] for a in asked if a.get("resources")]
+            if resources:
+                merged["resources"] = {r: max(a.get(r, 0) for a in resources) for a in resources for r in a}
+            annotations[unit] = merged or None
+    by_kind: dict = {}
+    for key in grouped:
+        for kind, value in (annotations.get(key) or {}).items():
+            by_kind.setdefault(kind, {})[key] = value
+    return _annotated_graph(grouped, by_kind), units
+
+
+def _results(*results):
+    """A group task's value: its members' results, in order."""
+    return results
+
+
 class SubmissionChunk(NamedTuple):
     graph: HighLevelGraph  # the tasks that no earlier chunk has (the layers' annotations kept)
     outputs: list  # the output keys it computes, in the order asked for
-    held: list  # its keys that later chunks need: asked for (again), so that they stay in memory
+    held: list  # its keys that later chunks need: asked for, so that they stay in memory
     releases: list  # earlier chunks' held keys that no chunk after this one needs
 
 

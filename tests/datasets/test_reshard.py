@@ -245,3 +245,33 @@ def test_an_output_shard_of_many_pieces_costs_the_client_linear_time(tmp_path, m
         summary = ds.to_webdataset(str(tmp_path / f"out{n}"), "keep", samples_per_shard=100, show_progress=False)
         assert summary["rows_kept"] == n and summary["shards_total"] == 1
         assert sum(walked) <= 4 * n, (n, sum(walked))  # was n² + 2n
+
+
+def test_many_output_shards_cost_the_client_linear_time(tmp_path, monkeypatch, client):
+    """The pieces of every output shard share one graph layer, built once: built per output shard,
+    each output shard's layer copied the whole upstream graph (every input shard's metadata task),
+    O(outputs x inputs). The keys Dask's cull walks and the tasks copied stay linear in the shards."""
+    import dask._task_spec
+
+    from nemo_curator.datasets import reshard
+    from nemo_curator.utils import graphs
+    from nemo_curator.utils.sample_data import make_sample_dataset
+
+    walked, copied, cull = [], [], dask._task_spec.cull
+    monkeypatch.setattr(dask._task_spec, "cull", lambda dsk, keys: walked.append(len(keys)) or cull(dsk, keys))
+
+    def measured(delayeds, name):
+        shared = graphs.share_one_layer(delayeds, name)
+        copied.append(len(shared[0].__dask_graph__().layers[shared[0]._layer]))
+        return shared
+
+    monkeypatch.setattr(reshard, "share_one_layer", measured)
+    for n in (10, 40):
+        make_sample_dataset(tmp_path / f"in{n}", n_shards=n, samples_per_shard=2, sizes=[(8, 8)])
+        ds = ImageTextPairDataset.from_webdataset(str(tmp_path / f"in{n}"), id_col="key")
+        ds.metadata["keep"] = ds.metadata["key"].str.len() > 0
+        walked.clear(), copied.clear()
+        summary = ds.to_webdataset(str(tmp_path / f"out{n}"), "keep", samples_per_shard=4, show_progress=False)
+        assert summary["shards_total"] == n // 2 and summary["rows_kept"] == 2 * n
+        assert len(copied) == 1 and copied[0] <= 3 * n, copied  # the n pieces (and the metadata's n tasks), once
+        assert sum(walked) <= 6 * n, (n, sum(walked))

@@ -2,6 +2,7 @@
 shard's chain fused into one task (``fuse_shard_chains``)."""
 from __future__ import annotations
 
+import os
 import time
 
 import dask
@@ -10,7 +11,7 @@ from dask._task_spec import Task
 from distributed import Event
 
 from nemo_curator.utils import progress
-from nemo_curator.utils.progress import compute_with_progress, fuse_shard_chains, submission_chunks
+from nemo_curator.utils.progress import compute_with_progress, fuse_shard_chains, group_outputs, submission_chunks
 
 
 def read(i):
@@ -211,3 +212,81 @@ def wait_for(name):
 
 def fail():
     raise ValueError("shard 3 is broken")
+
+
+# -- small outputs run several to a task ---------------------------------------------------------
+class Blob:
+    """A shard's intermediate value (its partition's place)."""
+
+
+LIVE: list = []  # weak references to the Blobs made in this process
+
+
+def make_blob(i, log):
+    import weakref
+
+    with open(log, "a") as f:  # how many earlier Blobs are still alive when this shard starts
+        f.write(f"{os.getpid()} start {i} alive {sum(ref() is not None for ref in LIVE)}\n")
+    blob = Blob()
+    LIVE.append(weakref.ref(blob))
+    return blob
+
+
+def finish_blob(blob, i, log):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} end {i}\n")
+    return i
+
+
+def test_self_contained_outputs_are_grouped_in_order_with_their_annotations():
+    shared = dask.delayed(total, pure=True)(dask.delayed(read, pure=True)(9))  # every output needs it: computed once
+    outputs = []
+    for i in range(7):
+        with dask.annotate(resources={"GPU": 0.5 if i % 2 else 1}, retries=i):
+            outputs.append(dask.delayed(total, pure=True)(dask.delayed(read, pure=True)(i), offset=shared))
+    gather_output = dask.delayed(gather, pure=True)(*(dask.delayed(read, pure=True)(10 + i) for i in range(2)))
+    outputs.insert(3, gather_output)  # not self-contained (its sources are its own): alone, and it splits the run
+    graph, units = group_outputs(fuse_shard_chains(outputs), [o.key for o in outputs], size=2)
+    keys = [o.key for o in outputs]
+    assert list(units.values()) == [keys[0:2], [keys[2]], [keys[3]], keys[4:6], keys[6:8]]
+    tasks = dict(graph)
+    group = next(k for k, members in units.items() if members == keys[0:2])
+    assert group in tasks and not set(keys[0:2]) & set(tasks)
+    by_key = {k: layer.annotations for layer in graph.layers.values() for k in layer}
+    assert by_key[group] == {"resources": {"GPU": 1}, "retries": 0}  # the most GPU asked; the first member's retries
+    assert by_key[keys[2]] == {"resources": {"GPU": 1}, "retries": 2}
+    assert shared.key in tasks
+    assert dask.get(tasks, group) == tuple(total(read(i), offset=total(read(9))) for i in range(2))
+    assert group_outputs(graph, keys, size=1)[1] == {k: [k] for k in keys}
+
+
+def test_grouped_outputs_run_one_after_the_other_and_keep_only_their_results(client, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "SHARDS_PER_TASK", 5)
+    monkeypatch.setattr(progress, "TASKS_PER_THREAD", 1)
+    log = str(tmp_path / "log")
+    outputs = [dask.delayed(finish_blob, pure=True)(dask.delayed(make_blob, pure=True)(i, log), i, log) for i in range(20)]
+    outputs.append(outputs[7])
+    with client.as_current():
+        assert compute_with_progress(outputs, desc="test", show=False) == list(range(20)) + [7]
+    by_process: dict = {}
+    for line in open(log).read().splitlines():
+        pid, event, i, *alive = line.split()
+        by_process.setdefault(pid, []).append((event, int(i), alive))
+    shards = []
+    for events in by_process.values():  # in each worker: a shard ends before the next one starts
+        assert [e for e, _, _ in events] == ["start", "end"] * (len(events) // 2)
+        assert all(start[1] == end[1] for start, end in zip(events[::2], events[1::2]))
+        assert all(alive == ["alive", "0"] for e, _, alive in events if e == "start")  # the previous Blob was let go
+        order = [i for e, i, _ in events if e == "start"]
+        for g in range(0, len(order), 5):  # whole groups of 5 consecutive shards, in order
+            assert order[g:g + 5] == list(range(order[g], order[g] + 5)) and order[g] % 5 == 0
+        shards += order
+    assert sorted(shards) == list(range(20))
+
+
+def test_a_failing_member_fails_the_job(client, monkeypatch):
+    monkeypatch.setattr(progress, "SHARDS_PER_TASK", 4)
+    monkeypatch.setattr(progress, "TASKS_PER_THREAD", 1)
+    outputs = [dask.delayed(read, pure=True)(i) for i in range(8)] + [dask.delayed(fail, pure=True)()]
+    with client.as_current(), pytest.raises(ValueError, match="shard 3 is broken"):
+        compute_with_progress(outputs, desc="test", show=False)
