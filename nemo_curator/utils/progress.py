@@ -128,9 +128,10 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
     keys it returns, in order]}`` (a group task returns their results as a tuple).
 
     Only a self-contained output is grouped: a task that nothing else needs, whose dependencies
-    other outputs need too (computed once, before). A group runs its members one after the other
-    and keeps only their results (a shard's partition is let go when its write returns); its
-    resources are the most any member asked for, its other annotations the first member's.
+    other outputs need too (computed once, before); and only with outputs annotated alike
+    (resources, retries, workers: the group has their annotations). A group runs its members one
+    after the other and keeps only their results (a shard's partition is let go when its write
+    returns).
     """
     if size <= 1:
         return graph, {key: [key] for key in outputs}
@@ -146,6 +147,9 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
         return (isinstance(node, Task) and not dependents.get(key)
                 and all(dependents.get(dep, 0) > 1 for dep in node.dependencies))
 
+    def signature(key) -> str:
+        return repr(sorted((annotations.get(key) or {}).items()))
+
     units: dict = {}
     members: list = []
 
@@ -158,6 +162,8 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
 
     for key in outputs:
         if self_contained(key):
+            if members and signature(key) != signature(members[0]):
+                close()
             members.append(key)
             if len(members) == size:
                 close()
@@ -171,12 +177,7 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
             for key in keys:
                 del grouped[key]
             grouped[unit] = Task(unit, _results, *(nodes[key] for key in keys))
-            asked = [annotations[key] or {} for key in keys]
-            merged = dict(asked[0])
-            resources = [a["resources"] for a in asked if a.get("resources")]
-            if resources:
-                merged["resources"] = {r: max(a.get(r, 0) for a in resources) for a in resources for r in a}
-            annotations[unit] = merged or None
+            annotations[unit] = annotations[keys[0]]
     by_kind: dict = {}
     for key in grouped:
         for kind, value in (annotations.get(key) or {}).items():
