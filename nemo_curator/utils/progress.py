@@ -55,12 +55,13 @@ def compute_with_progress(tasks: Sequence[Delayed], desc: str, unit: str = "shar
 # the finished tasks' results are fetched from the workers at most this often (s), or at once
 # after an error: a gather per result cost each worker ~0.6 ms of its event loop per task
 GATHER_SECONDS = 0.5
-# the graph goes to the scheduler in chunks of outputs: the first small (the workers start after
+# the graph goes to the scheduler in chunks of tasks: the first small (the workers start after
 # its update, not after the whole graph's: 30 s at 100,000 shards), the next ones when fewer than
-# max(SUBMIT_CHUNK, 4 x the cluster's threads) outputs are still to run (the scheduler holds
-# what is submitted, not the whole job; no "large graph" warning)
+# max(SUBMIT_CHUNK, 4 x the cluster's threads) tasks are still to run (the scheduler holds what
+# is submitted, not the whole job; 128 tasks of 16 shards of ~4 KB: under Dask's 10 MB
+# "large graph" warning)
 SUBMIT_FIRST = 64
-SUBMIT_CHUNK = 1000
+SUBMIT_CHUNK = 128
 # small outputs (shards) run up to SHARDS_PER_TASK to a task, as long as the cluster still gets
 # TASKS_PER_THREAD tasks per thread: a task costs Dask ~7 ms of worker, scheduler and client
 # time, a 2-image shard's own work ~7 ms (benchmark 6)
