@@ -78,7 +78,7 @@ def _compute_on_cluster(client, tasks: list[Delayed], desc: str, unit: str, show
     per_task = max(1, min(SHARDS_PER_TASK, len(distinct) // (TASKS_PER_THREAD * max(threads, 1))))
     graph, units = group_outputs(fuse_shard_chains(tasks), distinct, per_task)
     chunks = collections.deque(submission_chunks(graph, list(units), SUBMIT_FIRST, SUBMIT_CHUNK))
-    low_water = max(SUBMIT_CHUNK, 4 * threads)
+    low_water, counted_at = max(SUBMIT_CHUNK, 4 * threads), time.monotonic()
     places: dict = {}  # output key -> its places in ``keys``
     for i, key in enumerate(keys):
         places.setdefault(key, []).append(i)
@@ -89,6 +89,9 @@ def _compute_on_cluster(client, tasks: list[Delayed], desc: str, unit: str, show
     completed = as_completed()
 
     def submit_while_short():
+        nonlocal low_water, counted_at
+        if chunks and time.monotonic() - counted_at > 10:  # the workers that joined since (a cluster starting up)
+            low_water, counted_at = max(SUBMIT_CHUNK, 4 * sum(client.nthreads().values())), time.monotonic()
         while chunks and len(running) - len(finished) < low_water:
             chunk = chunks.popleft()  # its graph is let go once sent
             futures = []
