@@ -151,9 +151,6 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
         return (isinstance(node, Task) and not dependents.get(key)
                 and all(dependents.get(dep, 0) > 1 for dep in node.dependencies))
 
-    def signature(key) -> str:
-        return repr(sorted((annotations.get(key) or {}).items()))
-
     units: dict = {}
     members: list = []
 
@@ -166,7 +163,7 @@ def group_outputs(graph: HighLevelGraph, outputs: Sequence, size: int) -> tuple[
 
     for key in outputs:
         if self_contained(key):
-            if members and signature(key) != signature(members[0]):
+            if members and _signature(annotations[key]) != _signature(annotations[members[0]]):
                 close()
             members.append(key)
             if len(members) == size:
@@ -333,8 +330,8 @@ def _annotated_graph(graph: dict, annotations: dict) -> HighLevelGraph:
     one layer per distinct set of annotations."""
     groups: dict = {}
     for key in graph:
-        signature = tuple(sorted((kind, repr(by_key[key])) for kind, by_key in annotations.items() if key in by_key))
-        groups.setdefault(signature, []).append(key)
+        groups.setdefault(_signature({kind: by_key[key] for kind, by_key in annotations.items() if key in by_key}),
+                          []).append(key)
     layers, dependencies = {}, {}
     for i, keys in enumerate(groups.values()):
         name = f"fused-shard-chains-{i}"
@@ -342,6 +339,12 @@ def _annotated_graph(graph: dict, annotations: dict) -> HighLevelGraph:
         layers[name] = MaterializedLayer({k: graph[k] for k in keys}, annotations=layer_annotations or None)
         dependencies[name] = set()
     return HighLevelGraph(layers, dependencies)
+
+
+def _signature(annotations: dict | None) -> tuple:
+    """A task's annotations ({kind: value}) as a comparable value: tasks annotated alike share a
+    layer (``_annotated_graph``) and may share a group task (``group_outputs``)."""
+    return tuple(sorted((kind, repr(value)) for kind, value in (annotations or {}).items()))
 
 
 def _fuse(graph: dict, keys: set, output):
